@@ -1,0 +1,233 @@
+"""The ``fastfwd`` command line.
+
+Errors the user can fix are one line on stderr and an exit code: 1 for a
+runtime failure, 2 for a bad configuration or usage, 3 for a set-up failure
+(privileges, device, port). Anything else is a bug and shows a traceback.
+"""
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import sys
+
+from control import config as cfgmod
+from control import localsock
+from fastfwd import endpoints, linux, logsetup
+from fastfwd.errors import EXIT_CONFIG, ConfigError, FastfwdError, TransportError
+from fastfwd.supervisor import Supervisor
+
+DEFAULT_CONFIG = "/etc/fastfwd/fastfwd.conf"
+VM_SOCKET = "/run/fastfwd/vm.sock"
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="fastfwd",
+        description="Reach containers inside a VM by IP through a UDP/TUN tunnel "
+        "(wire-compatible with desktop-docker-connector).",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="host side: TUN server routing the docker subnets")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
+    run.add_argument("--workers", help="worker count, N or auto (default: the workers directive, else 1)")
+    run.add_argument("--state", help="peer state file (overrides the state directive)")
+    run.add_argument("--socket", help="control socket (overrides the socket directive)")
+    run.add_argument("--dev", help="TUN device name (overrides the dev directive)")
+    run.add_argument("--loglevel", help="log level (overrides the loglevel directive)")
+
+    con = sub.add_parser(
+        "connect",
+        help="VM side: dial the host and inject its packets into the VM's network",
+        description="Flags keep the upstream container's names: -host, -port, -addr and -mtu "
+        "work as well as --host, --port, --addr and --mtu.",
+    )
+    con.add_argument("-host", "--host", default="host.docker.internal", help="host running `fastfwd run` (default host.docker.internal)")
+    con.add_argument("-port", "--port", type=int, default=cfgmod.DEFAULT_PORT, help="its UDP port (default 2511)")
+    con.add_argument("-addr", "--addr", default=cfgmod.DEFAULT_ADDR, help="tunnel address of this side, with prefix (default 192.168.251.1/24)")
+    con.add_argument("-mtu", "--mtu", type=int, default=cfgmod.DEFAULT_MTU, help="TUN MTU, same on both sides (default 1400)")
+    con.add_argument("--dev", default="fastfwd0", help="TUN device name (default fastfwd0)")
+    con.add_argument("--socket", default=VM_SOCKET, help=f"control socket (default {VM_SOCKET})")
+    con.add_argument("--workers", default="1", help="worker count, N or auto (default 1)")
+    con.add_argument("--no-firewall", action="store_true", help="leave iptables alone (no Docker rules, no connect/disconnect)")
+    con.add_argument("--loglevel", default=logsetup.env_level(), help="log level (default INFO)")
+
+    cfg = sub.add_parser("config", help="add configuration lines to a running host side")
+    cfg.add_argument("lines", nargs="+", metavar="LINE", help='a directive, e.g. "route 172.20.0.0/16"')
+    cfg.add_argument("--socket", default=cfgmod.DEFAULT_SOCKET, help=f"control socket (default {cfgmod.DEFAULT_SOCKET})")
+
+    st = sub.add_parser("status", help="packets, drops, CPU and memory of a running instance")
+    st.add_argument("--socket", help=f"control socket (default {cfgmod.DEFAULT_SOCKET}, then {VM_SOCKET})")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
+    chk = sub.add_parser("check", help="validate a configuration file")
+    chk.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    return p
+
+
+def _workers(value):
+    if value in (None, ""):
+        return None
+    if value == "auto":
+        import psutil
+
+        return max(1, min(len(psutil.Process().cpu_affinity()), 8))
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"--workers {value!r}: expected a number or auto") from None
+    if not 1 <= n <= 64:
+        raise ConfigError(f"--workers {n} is outside 1..64")
+    return n
+
+
+def cmd_check(args):
+    try:
+        cfg = cfgmod.parse(args.config)
+    except ConfigError as exc:
+        for line in cfgmod.format_problems(exc.problems):
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{args.config}: ok ({len(cfg.routes)} routes, {len(cfg.pairs)} iptables pairs, {len(cfg.tokens)} tokens)")
+    return 0
+
+
+def cmd_run(args):
+    try:
+        cfg = cfgmod.parse(args.config)
+    except ConfigError as exc:
+        for line in cfgmod.format_problems(exc.problems):
+            print(line, file=sys.stderr)
+        print(f"fastfwd: not started: {args.config} is invalid", file=sys.stderr)
+        return EXIT_CONFIG
+    overrides = {}
+    for key in ("state", "socket", "dev", "loglevel"):
+        value = getattr(args, key)
+        if value:
+            overrides[key] = value.upper() if key == "loglevel" else value
+            setattr(cfg, key, overrides[key])
+    if not linux.valid_ifname(cfg.dev):
+        raise ConfigError(f"--dev {cfg.dev!r} is not a valid interface name")
+    workers = _workers(args.workers) or _workers(str(cfg.workers))
+    logsetup.setup("supervisor", cfg.loglevel)
+    tun_fds, name = endpoints.open_tun(cfg.dev, workers)
+    try:
+        sock = endpoints.bind_udp(cfg.host, cfg.port)
+    except TransportError:
+        for fd in tun_fds:
+            os.close(fd)
+        raise
+    control_args = {"config": os.path.abspath(args.config), "socket": cfg.socket, "overrides": overrides}
+    sup = Supervisor("host", name, tun_fds, [sock] * 1, control_args, cfg.loglevel)
+    return asyncio.run(sup.run())
+
+
+def cmd_connect(args):
+    try:
+        addr = ipaddress.IPv4Interface(args.addr)
+    except ValueError:
+        raise ConfigError(f"-addr {args.addr!r} is not an IPv4 address with a prefix") from None
+    if not cfgmod.MIN_MTU <= args.mtu <= cfgmod.MAX_MTU:
+        raise ConfigError(f"-mtu {args.mtu} is outside {cfgmod.MIN_MTU}..{cfgmod.MAX_MTU}")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"-port {args.port} is outside 1..65535")
+    if not linux.valid_ifname(args.dev):
+        raise ConfigError(f"--dev {args.dev!r} is not a valid interface name")
+    workers = _workers(args.workers)
+    logsetup.setup("supervisor", args.loglevel)
+    try:
+        if linux.ensure_tun_node():
+            print(f"fastfwd: created {linux.TUN_PATH}", file=sys.stderr)
+    except OSError as exc:
+        raise FastfwdError(f"cannot create {linux.TUN_PATH}: {exc.strerror} (needs CAP_MKNOD or --device /dev/net/tun)") from exc
+    tun_fds, name = endpoints.open_tun(args.dev, workers)
+    try:
+        sock = endpoints.dial_udp()
+    except TransportError:
+        for fd in tun_fds:
+            os.close(fd)
+        raise
+    control_args = {
+        "host": args.host, "port": args.port, "addr": str(addr), "mtu": args.mtu,
+        "socket": args.socket, "firewall": not args.no_firewall,
+    }  # fmt: skip
+    sup = Supervisor("vm", name, tun_fds, [sock], control_args, args.loglevel.upper())
+    return asyncio.run(sup.run())
+
+
+def _ask(path, payload):
+    try:
+        return localsock.request(path, payload)
+    except FileNotFoundError:
+        raise FastfwdError(f"no running fastfwd at {path} (is it started? which --socket?)") from None
+    except PermissionError:
+        raise FastfwdError(f"cannot open {path}: permission denied (run as root)") from None
+    except OSError as exc:
+        raise FastfwdError(f"cannot reach {path}: {exc.strerror or exc}") from None
+
+
+def cmd_status(args):
+    paths = [args.socket] if args.socket else [cfgmod.DEFAULT_SOCKET, VM_SOCKET]
+    path = next((p for p in paths if os.path.exists(p)), paths[0])
+    reply = _ask(path, {"op": "status"})
+    if not reply.get("ok"):
+        raise FastfwdError(reply.get("error", "status failed"))
+    status = reply["status"]
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status):
+    lines = [f"side {status['side']}  tun {status['tun']}  uptime {status['uptime_s']}s"]
+    for key in ("address", "peer", "peer_silent_s", "host", "heartbeats", "routes", "refused_routes", "pairs", "pending_pairs", "control_pushes"):
+        if key in status:
+            lines.append(f"{key:15} {status[key]}")
+    lines.append(f"{'process':9} {'pid':>7} {'pkts_in':>10} {'pkts_out':>10} {'MB_out':>9} {'drops':>7} {'cpu_s':>7} {'pss_MB':>7} restarts")
+    for p in status["processes"]:
+        c = p.get("counters", {})
+        drops = sum(v for k, v in c.items() if k.startswith("drops_"))
+        pss = p.get("pss_bytes") or p.get("rss_bytes") or 0
+        lines.append(
+            f"{p['name']:9} {p['pid']:>7} {c.get('pkts_in', 0):>10} {c.get('pkts_out', 0):>10} "
+            f"{c.get('bytes_out', 0) / 1e6:>9.1f} {drops:>7} {p.get('cpu_s', 0):>7} {pss / 1e6:>7.1f} {p.get('restarts', 0)}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_config(args):
+    reply = _ask(args.socket, {"op": "config", "lines": args.lines})
+    if not reply.get("ok"):
+        for line in reply.get("problems", []):
+            print(line, file=sys.stderr)
+        print(f"fastfwd: {reply.get('error', 'config failed')}", file=sys.stderr)
+        return EXIT_CONFIG if reply.get("code") == "invalid_config" else 1
+    print(reply.get("message", "ok"))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "connect": cmd_connect, "check": cmd_check, "status": cmd_status, "config": cmd_config}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        for line in cfgmod.format_problems(exc.problems):
+            print(line, file=sys.stderr)
+        print(f"fastfwd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FastfwdError as exc:
+        print(f"fastfwd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

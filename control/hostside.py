@@ -1,0 +1,215 @@
+"""The host side's control process: TUN address, routes, peer, pushes.
+
+It configures the TUN device, keeps one route per ``route`` line in the
+kernel (restoring routes something else removed), learns the VM peer from
+heartbeats (:mod:`control.peer`), tells the workers where to send, and
+pushes the ``iptables`` pairs to each new peer as the upstream's control
+message. SIGHUP reloads the configuration file atomically.
+"""
+
+import logging
+import time
+
+from control import config as cfgmod
+from control import messages
+from control.peer import PeerTracker
+from control.process import Side
+from control.routes import Netlink, RouteTable
+from fastfwd import frames, logsetup
+from fastfwd import stats as st
+from fastfwd.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ROUTE_CHECK_S = 2.0
+
+
+class HostSide(Side):
+    name = "host"
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.cfg = cfgmod.parse(spec["config"]) if spec.get("config") else cfgmod.Config()
+        self.overrides = spec.get("overrides", {})
+        for key, value in self.overrides.items():
+            setattr(self.cfg, key, value)
+        self.peer = PeerTracker(self.cfg.state)
+        self.nl = None
+        self.routes = None
+        self._next_route_check = 0.0
+        self.pushes = 0
+        self.udp_config_ignored = 0
+
+    async def setup(self):
+        self.nl = Netlink()
+        prefixlen = self.cfg.addr.network.prefixlen
+        await self.nl.run(self.nl.configure_tun, self.tun_name, self.cfg.host_ip, prefixlen, self.cfg.mtu)
+        self.routes = await self.nl.run(RouteTable, self.nl, self.tun_name)
+        added, _ = await self.nl.run(self.routes.reconcile, list(self.cfg.routes.values()))
+        log.info(
+            "tunnel up dev=%s addr=%s/%d mtu=%d listen=%s:%d routes=%d",
+            self.tun_name, self.cfg.host_ip, self.cfg.addr.network.prefixlen,
+            self.cfg.mtu, self.cfg.host, self.cfg.port, len(added),
+        )  # fmt: skip
+        if self.peer.load(time.monotonic()) is not None:
+            self.on_peer_changed()
+
+    async def teardown(self):
+        if self.routes is not None:
+            await self.nl.run(self.routes.remove_all)
+        self.peer.save()
+        if self.nl is not None:
+            self.nl.close()
+
+    async def cleanup(self):
+        nl = Netlink()
+        try:
+            table = await nl.run(RouteTable, nl, self.tun_name)
+            await nl.run(table.remove_all)
+        except Exception as exc:  # the device may be gone already
+            log.debug("cleanup skipped routes reason=%s", exc)
+        finally:
+            nl.close()
+
+    # peer
+
+    def on_frame(self, src, data):
+        if src is None or not data:
+            return
+        kind = data[0]
+        if kind == frames.HEARTBEAT and len(data) == 1:
+            if self.peer.heard(src, time.monotonic()):
+                self.on_peer_changed()
+        elif kind == frames.CONTROL and len(data) > 1:
+            self.on_udp_config(src, bytes(data[1:]))
+        else:
+            log.debug("frame ignored src=%s type=%d bytes=%d", src, kind, len(data))
+
+    def on_peer_changed(self):
+        self.to_workers(messages.pack(messages.SET_PEER, addr=messages.peer_to_wire(self.peer.peer)))
+        self.push_controls()
+
+    def on_worker_started(self, role, queue):
+        if self.peer.peer is not None:
+            self.to_workers(messages.pack(messages.SET_PEER, addr=messages.peer_to_wire(self.peer.peer)))
+
+    async def on_tick(self, now):
+        last = self.latest("writer", "last_in_ns")
+        if last:
+            self.peer.traffic(last)
+        if self.peer.tick(now):
+            self.on_peer_changed()
+        if now >= self._next_route_check:
+            self._next_route_check = now + ROUTE_CHECK_S
+            added, _ = await self.nl.run(self.routes.reconcile, list(self.cfg.routes.values()))
+            if added:
+                log.warning("routes restored dev=%s count=%d", self.tun_name, len(added))
+
+    # control pushes
+
+    def commands(self):
+        """The control commands that describe the wanted VM-side state."""
+        out = [("connect", a, b) for a, b in self.cfg.connected_pairs()]
+        out += [("disconnect", a, b) for a, b in self.cfg.disconnected_pairs()]
+        return out
+
+    def push_controls(self, commands=None):
+        """Send ``commands`` (default: all) to the peer as one control body."""
+        peer = self.peer.peer
+        commands = self.commands() if commands is None else commands
+        if peer is None or not commands:
+            return
+        body = frames.encode_commands(commands)
+        sock = self.socks[0]
+        for datagram in frames.control_datagrams(body, self.cfg.mtu):
+            try:
+                sock.sendto(datagram, peer)
+            except OSError as exc:
+                log.warning("control push failed peer=%s:%d errno=%s", peer[0], peer[1], exc.errno)
+                return
+        self.pushes += 1
+        log.info("controls pushed peer=%s:%d commands=%d bytes=%d", peer[0], peer[1], len(commands), len(body))
+
+    # configuration
+
+    def on_udp_config(self, src, text):
+        if not self.cfg.udp_config:
+            self.udp_config_ignored += 1
+            log.debug("udp config line ignored src=%s", src)
+            return
+        log.info("udp config line accepted src=%s:%d", src[0], src[1])
+        try:
+            new = cfgmod.parse_text(text.decode("utf-8", errors="replace"), "<udp>", base=self.cfg)
+        except ConfigError as exc:
+            for line in cfgmod.format_problems(exc.problems):
+                log.error("configuration rejected %s", line)
+            return
+        self.loop.create_task(self.apply(new))
+
+    def on_sighup(self):
+        self.loop.create_task(self.reload())
+
+    async def reload(self):
+        if not self.spec.get("config"):
+            return
+        try:
+            new = cfgmod.parse(self.spec["config"])
+        except ConfigError as exc:
+            for line in cfgmod.format_problems(exc.problems):
+                log.error("configuration rejected %s", line)
+            return
+        for key, value in self.overrides.items():
+            setattr(new, key, value)
+        await self.apply(new)
+
+    async def apply(self, new):
+        """Switch to ``new``: routes, pairs and loglevel change live."""
+        old = self.cfg
+        changed = cfgmod.restart_changes(old, new)
+        for name in changed:
+            log.warning("restart needed directive=%s running=%s file=%s", name, getattr(old, name), getattr(new, name))
+            setattr(new, name, getattr(old, name))
+        self.cfg = new
+        added, removed = await self.nl.run(self.routes.reconcile, list(new.routes.values()))
+        if old.loglevel != new.loglevel:
+            logsetup.set_level(new.loglevel)
+            self.to_workers(messages.pack(messages.SET_LOGLEVEL, level=new.loglevel))
+        if old.pairs != new.pairs:
+            self.push_controls()
+        log.info("configuration changed routes_added=%d routes_removed=%d", len(added), len(removed))
+
+    async def on_local_request(self, request):
+        if request.get("op") != "config":
+            return await super().on_local_request(request)
+        lines = request.get("lines")
+        if not isinstance(lines, list) or not all(isinstance(x, str) and "\n" not in x for x in lines):
+            return {"ok": False, "code": "bad_request", "error": "lines must be a list of single-line strings"}
+        text = "\n".join(lines)
+        try:
+            new = cfgmod.parse_text(text, "<config>", base=self.cfg)
+        except ConfigError as exc:
+            return {"ok": False, "code": "invalid_config", "error": "configuration unchanged", "problems": cfgmod.format_problems(exc.problems)}
+        await self.apply(new)
+        path = self.spec.get("config")
+        if path:
+            # Appended like the upstream does, so the lines survive a restart.
+            try:
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(text + "\n")
+            except OSError as exc:
+                return {"ok": True, "message": f"applied, but not saved to {path}: {exc.strerror}"}
+        return {"ok": True, "message": f"applied {len(lines)} line(s)"}
+
+    async def status(self):
+        out = await super().status()
+        owned = await self.nl.run(self.routes.owned)
+        peer = self.peer.peer
+        out.update(
+            peer=None if peer is None else f"{peer[0]}:{peer[1]}",
+            peer_silent_s=None if peer is None else round(time.monotonic() - self.peer.last_heard, 1),
+            routes=sorted(str(n) for n in owned),
+            refused_routes={str(k): v for k, v in self.routes.refused.items()},
+            control_pushes=self.pushes,
+            address=f"{self.cfg.host_ip}/{self.cfg.addr.network.prefixlen}",
+        )
+        return out

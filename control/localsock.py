@@ -1,0 +1,78 @@
+"""The local control socket: a root-only Unix socket for ``status`` and
+``config`` requests.
+
+One JSON object per line each way. Replies carry ``ok``; a failed request
+also carries a stable ``code`` that scripts can branch on, and an ``error``
+message for people. The socket file is created mode 0600 in a directory
+that only root may enter, so loopback tricks cannot reach it.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 1 << 20
+
+
+async def serve(path, handler):
+    """Listen on ``path``; ``handler(request) -> reply`` is a coroutine."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    remove(path)
+
+    async def on_client(reader, writer):
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                reply = {"ok": False, "code": "bad_request", "error": f"bad request: {exc}"}
+            else:
+                reply = await handler(request)
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    old = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(on_client, path, limit=MAX_REQUEST_BYTES)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return server
+
+
+def remove(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def request(path, payload, timeout_s=10.0):
+    """Send one request to a running instance; returns its reply (a dict).
+
+    Raises OSError when nothing listens at ``path``.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout_s)
+        s.connect(path)
+        s.sendall(json.dumps(payload).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)

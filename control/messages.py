@@ -1,0 +1,53 @@
+"""The msgpack messages between the control process, the supervisor and
+the workers.
+
+This module is the only part of ``control`` the data plane imports, so it
+imports nothing else from the project. Every message is a map with an
+``op`` key naming a command; the other keys are its arguments. Channels are
+``SOCK_SEQPACKET`` socketpairs: one message per datagram, never split.
+"""
+
+import msgpack
+
+# control -> worker
+SET_PEER = "set_peer"  # addr: [host, port] or None
+SET_LOGLEVEL = "set_loglevel"  # level: str
+STOP = "stop"
+
+# worker -> control
+FRAME = "frame"  # src: [host, port] or None, data: bytes (a non-IP datagram)
+CONTROL_BODY = "control_body"  # body: bytes (VM side: a whole control body)
+
+# supervisor <-> control
+CHILD_STARTED = "child_started"  # role: str, queue: int, pid: int
+READY = "ready"  # control finished its set-up
+FATAL = "fatal"  # reason: str; control could not set up and will exit
+SHUTDOWN = "shutdown"  # supervisor asks control to undo everything and exit
+
+MAX_MESSAGE_BYTES = 65536 + 1024
+
+
+def pack(op, **fields):
+    """Encode one message; ``fields`` must be msgpack-serialisable."""
+    fields["op"] = op
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def unpack(data):
+    """Decode one message into a dict; raises ValueError on garbage."""
+    try:
+        msg = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ValueError(f"undecodable control message: {exc}") from exc
+    if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
+        raise ValueError("control message without an op")
+    return msg
+
+
+def peer_to_wire(addr):
+    """An ``(ip, port)`` tuple or None as a msgpack-friendly value."""
+    return None if addr is None else [addr[0], int(addr[1])]
+
+
+def peer_from_wire(value):
+    return None if value is None else (str(value[0]), int(value[1]))

@@ -1,0 +1,265 @@
+"""Entry point of the control process: ``python -m control.process``.
+
+The supervisor starts it with a JSON specification (``--spec``) that names
+the inherited file descriptors: the UDP sockets, one seqpacket channel per
+worker, the channel to the supervisor and the shared counters. It runs the
+host side (:mod:`control.hostside`) or the VM side (:mod:`control.vmside`)
+on one uvloop event loop; every system change (addresses, routes, iptables)
+happens here and nowhere in the data path.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import psutil
+import uvloop
+
+from control import localsock, messages
+from fastfwd import linux, logsetup
+from fastfwd import stats as st
+from fastfwd.errors import EXIT_SETUP, FastfwdError
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+
+
+class Side:
+    """What the host side and the VM side share: channels, ticks, status.
+
+    Subclasses implement :meth:`setup`, :meth:`teardown`, :meth:`cleanup`,
+    :meth:`on_tick`, :meth:`on_frame` and :meth:`on_control_body`.
+    """
+
+    name = "?"
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.loop = asyncio.get_running_loop()
+        self.tun_name = spec["tun_name"]
+        self.socks = [_sock(fd, socket.SOCK_DGRAM) for fd in spec["udp_fds"]]
+        self.sup = _sock(spec["sup_fd"], socket.SOCK_SEQPACKET)
+        self.channels = [
+            (c["role"], c["queue"], _sock(c["fd"], socket.SOCK_SEQPACKET))
+            for c in spec["channels"]
+        ]
+        self.counters = st.Counters(spec["stats_fd"])
+        self.pids = {}  # "reader0" -> pid
+        self.starts = {}  # "reader0" -> times started
+        self.stopped = self.loop.create_future()
+        self.started_at = time.time()
+        self.local = None
+
+    # channels
+
+    def listen(self):
+        self.loop.add_reader(self.sup.fileno(), self._drain, self.sup, "supervisor")
+        for role, queue, chan in self.channels:
+            self.loop.add_reader(chan.fileno(), self._drain, chan, f"{role}{queue}")
+
+    def _drain(self, chan, who):
+        while True:
+            try:
+                data = chan.recv(messages.MAX_MESSAGE_BYTES)
+            except BlockingIOError:
+                return
+            if not data:
+                self.loop.remove_reader(chan.fileno())
+                return
+            try:
+                msg = messages.unpack(data)
+            except ValueError as exc:
+                log.warning("bad message from=%s reason=%s", who, exc)
+                continue
+            try:
+                self._dispatch(msg, who)
+            except Exception:
+                log.exception("message handling failed from=%s op=%s", who, msg.get("op"))
+
+    def _dispatch(self, msg, who):
+        op = msg["op"]
+        if op == messages.FRAME:
+            self.on_frame(messages.peer_from_wire(msg.get("src")), msg["data"])
+        elif op == messages.CONTROL_BODY:
+            self.on_control_body(msg["body"])
+        elif op == messages.CHILD_STARTED:
+            name = f"{msg['role']}{msg['queue']}"
+            self.pids[name] = msg["pid"]
+            self.starts[name] = self.starts.get(name, 0) + 1
+            self.on_worker_started(msg["role"], msg["queue"])
+        elif op == messages.SHUTDOWN:
+            self.stop()
+
+    def to_workers(self, packed, role=None):
+        for r, _, chan in self.channels:
+            if role is None or r == role:
+                try:
+                    chan.send(packed)
+                except OSError as exc:
+                    log.warning("worker channel full, message dropped errno=%s", exc.errno)
+
+    def to_supervisor(self, packed):
+        self.sup.send(packed)
+
+    def stop(self):
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    # counters
+
+    def slots(self, role):
+        return [
+            self.counters.read(st.slot_index(role, q)) for q in range(self.spec["workers"])
+        ]
+
+    def latest(self, role, field):
+        """Newest monotonic timestamp (seconds) of ``field`` over all workers."""
+        ns = max((s[field] for s in self.slots(role)), default=0)
+        return ns / 1e9
+
+    async def status(self):
+        """The state ``fastfwd status`` prints."""
+        procs = []
+        for name in sorted(self.pids):
+            role = "reader" if name.startswith("reader") else "writer"
+            queue = int(name[len(role):])
+            entry = {"name": name, "pid": self.pids[name], "restarts": self.starts[name] - 1}
+            entry["counters"] = {
+                k: v for k, v in self.counters.read(st.slot_index(role, queue)).items()
+                if not k.startswith("last_")
+            }
+            entry.update(_usage(self.pids[name]))
+            procs.append(entry)
+        control = {"name": "control", "pid": os.getpid(), "counters": {}}
+        control.update(_usage(os.getpid()))
+        procs.insert(0, control)
+        return {"side": self.name, "tun": self.tun_name, "uptime_s": round(time.time() - self.started_at, 1), "processes": procs}
+
+    # subclass hooks
+
+    async def setup(self):
+        raise NotImplementedError
+
+    async def teardown(self):
+        raise NotImplementedError
+
+    async def cleanup(self):
+        raise NotImplementedError
+
+    async def on_tick(self, now):
+        pass
+
+    def on_frame(self, src, data):
+        pass
+
+    def on_control_body(self, body):
+        pass
+
+    def on_worker_started(self, role, queue):
+        pass
+
+    def on_sighup(self):
+        pass
+
+    async def on_local_request(self, request):
+        if request.get("op") == "status":
+            return {"ok": True, "status": await self.status()}
+        return {"ok": False, "code": "unknown_op", "error": f"unknown request {request.get('op')!r}"}
+
+    async def run_ticks(self):
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                await self.on_tick(time.monotonic())
+            except Exception:
+                log.exception("periodic task failed")
+
+
+def _usage(pid):
+    try:
+        p = psutil.Process(pid)
+        with p.oneshot():
+            cpu = p.cpu_times()
+            mem = p.memory_info()
+        try:
+            pss = p.memory_full_info().pss
+        except (psutil.AccessDenied, AttributeError):
+            pss = None
+        return {"cpu_s": round(cpu.user + cpu.system, 2), "rss_bytes": mem.rss, "pss_bytes": pss}
+    except psutil.Error:
+        return {}
+
+
+def _sock(fd, kind):
+    s = socket.socket(fileno=fd)
+    s.setblocking(False)
+    return s
+
+
+def _side_class(name):
+    if name == "host":
+        from control.hostside import HostSide
+
+        return HostSide
+    from control.vmside import VmSide
+
+    return VmSide
+
+
+async def run_control(spec):
+    side = _side_class(spec["side"])(spec)
+    loop = side.loop
+    loop.add_signal_handler(signal.SIGTERM, side.stop)
+    loop.add_signal_handler(signal.SIGINT, side.stop)
+    if spec.get("cleanup_only"):
+        await side.cleanup()
+        return 0
+    side.listen()
+    try:
+        await side.setup()
+    except FastfwdError as exc:
+        log.error("set-up failed reason=%s", exc)
+        side.to_supervisor(messages.pack(messages.FATAL, reason=str(exc), exit_code=exc.exit_code))
+        await side.cleanup()
+        return exc.exit_code
+    except Exception as exc:
+        log.exception("set-up failed")
+        side.to_supervisor(messages.pack(messages.FATAL, reason=f"set-up failed: {exc}", exit_code=EXIT_SETUP))
+        await side.cleanup()
+        return EXIT_SETUP
+    loop.add_signal_handler(signal.SIGHUP, side.on_sighup)
+    if spec.get("socket"):
+        side.local = await localsock.serve(spec["socket"], side.on_local_request)
+    side.to_supervisor(messages.pack(messages.READY))
+    ticks = loop.create_task(side.run_ticks())
+    await side.stopped
+    ticks.cancel()
+    if side.local is not None:
+        side.local.close()
+        localsock.remove(spec["socket"])
+    await side.teardown()
+    return 0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="fastfwd-control")
+    p.add_argument("--spec", required=True)
+    args = p.parse_args(argv)
+    spec = json.loads(args.spec)
+    linux.die_with_parent(spec["parent"])
+    linux.set_process_name("fastfwd-control")
+    logsetup.setup("control" if not spec.get("cleanup_only") else "cleanup", spec.get("loglevel", "INFO"))
+    code = uvloop.run(run_control(spec))
+    sys.stdout.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The wire format shared with desktop-docker-connector.
+
+A datagram whose first nibble is 4 or 6 is one raw IP packet. Anything else
+starts with a frame type byte:
+
+* ``0x00`` heartbeat, VM side -> host, one byte.
+* ``0x01`` host -> VM side: a 3-byte header ``0x01 LEN_HI LEN_LO`` followed
+  by the comma-separated control body in datagrams of at most MTU bytes.
+  Sent to the host, ``0x01`` + text is the upstream's "append this
+  configuration line".
+* Accessor login uses ``0x00``/``0x01`` + token and ``0x02`` (not logged in).
+
+Both upstream sides read into 2000-byte buffers and keep body lengths in 16
+bits, so a compatible peer needs MTU < 2000 and bodies under 64 KiB.
+"""
+
+import struct
+
+HEARTBEAT = 0x00
+CONTROL = 0x01
+NOT_LOGGED_IN = 0x02
+
+HEARTBEAT_FRAME = b"\x00"
+CONTROL_HEADER_BYTES = 3
+MAX_CONTROL_BODY_BYTES = 0xFFFF
+UPSTREAM_BUFFER_BYTES = 2000
+
+_IPV4 = 4
+_IPV6 = 6
+
+
+def is_ip(first_byte):
+    """Whether a datagram starting with this byte is a raw IP packet."""
+    version = first_byte >> 4
+    return version == _IPV4 or version == _IPV6
+
+
+def looks_like_ip_packet(buf, n):
+    """Whether ``buf[:n]`` is plausibly one whole IP packet.
+
+    Stricter than :func:`is_ip`: the header's own length field must match
+    the datagram. A control body chunk is text whose first byte may well
+    have the nibble 6 ("c", "d", "h"), but its "length field" never matches.
+    """
+    if n < 20:
+        return False
+    version = buf[0] >> 4
+    if version == _IPV4:
+        return buf[0] & 0x0F >= 5 and (buf[2] << 8 | buf[3]) == n
+    if version == _IPV6:
+        return n >= 40 and (buf[4] << 8 | buf[5]) + 40 == n
+    return False
+
+
+def control_header(body_len):
+    """The 3-byte datagram that announces a control body."""
+    if not 0 <= body_len <= MAX_CONTROL_BODY_BYTES:
+        raise ValueError(f"control body of {body_len} bytes exceeds 64 KiB")
+    return struct.pack("!BH", CONTROL, body_len)
+
+
+def parse_control_header(data):
+    """Body length announced by a header datagram, or None if it is not one."""
+    if len(data) != CONTROL_HEADER_BYTES or data[0] != CONTROL:
+        return None
+    return data[1] << 8 | data[2]
+
+
+def control_datagrams(body, mtu):
+    """The datagrams that carry one control body: header, then chunks.
+
+    ``body`` is the encoded command text; each chunk is at most ``mtu``
+    bytes, as the upstream VM side expects.
+    """
+    if mtu < 1:
+        raise ValueError("mtu must be positive")
+    out = [control_header(len(body))]
+    out.extend(body[i : i + mtu] for i in range(0, len(body), mtu))
+    return out
+
+
+def encode_commands(commands):
+    """Join well-formed commands into one control body.
+
+    Each command is a sequence of fields; fields must be non-empty and
+    contain no space or comma, because the upstream VM side splits on them
+    and crashes on a malformed command.
+    """
+    parts = []
+    for command in commands:
+        fields = [str(f) for f in command]
+        for field in fields:
+            if not field or " " in field or "," in field:
+                raise ValueError(f"malformed control field {field!r}")
+        parts.append(" ".join(fields))
+    return ",".join(parts).encode("ascii")
+
+
+def decode_commands(body):
+    """Split a control body into commands, each a list of fields.
+
+    Tolerant of what fastfwd never sends (repeated spaces, empty commands),
+    so an odd peer cannot crash the VM side.
+    """
+    text = bytes(body).decode("ascii", errors="replace")
+    return [c.split() for c in text.split(",") if c.strip()]

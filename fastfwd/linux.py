@@ -1,0 +1,113 @@
+"""Everything fastfwd asks of the Linux kernel directly (ioctls, prctl).
+
+The rest of the data plane calls these functions and nothing else that is
+Linux specific, so another host platform replaces this one module.
+"""
+
+import ctypes
+import errno
+import fcntl
+import os
+import signal
+import stat
+import struct
+
+TUN_PATH = "/dev/net/tun"
+TUN_MAJOR, TUN_MINOR = 10, 200
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
+IFNAMSIZ = 16
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+
+def ensure_tun_node():
+    """Create /dev/net/tun when a container was started without it.
+
+    Returns True when the node had to be created. Needs CAP_MKNOD.
+    """
+    if os.path.exists(TUN_PATH):
+        return False
+    os.makedirs(os.path.dirname(TUN_PATH), exist_ok=True)
+    os.mknod(TUN_PATH, 0o600 | stat.S_IFCHR, os.makedev(TUN_MAJOR, TUN_MINOR))
+    return True
+
+
+def open_tun_queue(name, multi_queue=True, vnet_hdr=False):
+    """Open one queue of TUN device ``name`` (created on the first call).
+
+    Returns ``(fd, actual_name)``. The fd is non-blocking and close-on-exec;
+    the device lives as long as some queue fd is open (it is not persistent),
+    so every route and address on it vanishes with the last fd. Raises
+    OSError with the kernel's errno.
+    """
+    flags = IFF_TUN | IFF_NO_PI
+    if multi_queue:
+        flags |= IFF_MULTI_QUEUE
+    if vnet_hdr:
+        flags |= IFF_VNET_HDR
+    fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), flags)
+        res = fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except OSError:
+        os.close(fd)
+        raise
+    actual = res[:IFNAMSIZ].split(b"\0", 1)[0].decode()
+    return fd, actual
+
+
+def valid_ifname(name):
+    """Whether ``name`` is acceptable as a Linux interface name."""
+    return (
+        0 < len(name.replace("%d", "0")) < IFNAMSIZ
+        and "/" not in name
+        and not any(c.isspace() for c in name)
+        and name not in (".", "..")
+    )
+
+
+_libc = None
+
+
+def _prctl(option, arg):
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    if _libc.prctl(option, arg, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def die_with_parent(parent_pid):
+    """Ask the kernel to SIGTERM this process when its parent dies.
+
+    The check against ``parent_pid`` closes the race where the parent died
+    before the request was made.
+    """
+    _prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def set_process_name(name):
+    """Name the process as ``ps`` and ``top`` show it (15 bytes at most)."""
+    try:
+        buf = ctypes.create_string_buffer(name.encode()[:15])
+        global _libc
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.prctl(PR_SET_NAME, buf, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def is_permission_error(exc):
+    return isinstance(exc, OSError) and exc.errno in (errno.EPERM, errno.EACCES)

@@ -1,0 +1,120 @@
+"""Entry point of one worker process: a reader or a writer of one queue.
+
+Started by the supervisor as ``python -m fastfwd.worker`` with the file
+descriptors it inherited: the TUN queue, the UDP socket, the seqpacket
+channel to the control process and the shared counters. The process runs one
+uvloop event loop until SIGTERM or until its parent dies.
+"""
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+import uvloop
+
+from control import messages
+from fastfwd import engine, linux, logsetup
+from fastfwd import stats as st
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="fastfwd-worker")
+    p.add_argument("--role", choices=("reader", "writer"), required=True)
+    p.add_argument("--queue", type=int, default=0)
+    p.add_argument("--connected", action="store_true")
+    p.add_argument("--tun-fd", type=int, required=True)
+    p.add_argument("--udp-fd", type=int, required=True)
+    p.add_argument("--chan-fd", type=int, required=True)
+    p.add_argument("--stats-fd", type=int, required=True)
+    p.add_argument("--parent", type=int, required=True)
+    p.add_argument("--loglevel", default="INFO")
+    return p.parse_args(argv)
+
+
+class Worker:
+    """Binds one engine loop to its control channel."""
+
+    def __init__(self, loop, args):
+        self.loop = loop
+        self.args = args
+        self.counters = st.Counters(args.stats_fd)
+        slot = self.counters.slot(st.slot_index(args.role, args.queue))
+        self.sock = socket.socket(fileno=args.udp_fd)
+        self.sock.setblocking(False)
+        self.channel = socket.socket(fileno=args.chan_fd)
+        self.channel.setblocking(False)
+        if args.role == "reader":
+            self.engine = engine.Reader(
+                loop, args.tun_fd, self.sock, slot, connected=args.connected
+            )
+        else:
+            self.engine = engine.Writer(
+                loop, args.tun_fd, self.sock, slot, self.channel, connected=args.connected
+            )
+        self.stopped = loop.create_future()
+
+    def start(self):
+        self.engine.start()
+        self.loop.add_reader(self.channel.fileno(), self._on_channel)
+
+    def _on_channel(self):
+        while True:
+            try:
+                data = self.channel.recv(messages.MAX_MESSAGE_BYTES)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                log.error("control channel failed errno=%s", exc.errno)
+                self._stop()
+                return
+            if not data:
+                self._stop()
+                return
+            try:
+                self.handle(messages.unpack(data))
+            except ValueError as exc:
+                log.warning("bad control message reason=%s", exc)
+
+    def handle(self, msg):
+        op = msg["op"]
+        if op == messages.SET_PEER:
+            self.engine.set_peer(messages.peer_from_wire(msg.get("addr")))
+            log.debug("peer set addr=%s", msg.get("addr"))
+        elif op == messages.SET_LOGLEVEL:
+            logsetup.set_level(msg.get("level", "INFO"))
+        elif op == messages.STOP:
+            self._stop()
+
+    def _stop(self):
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+
+async def run_worker(args):
+    loop = asyncio.get_running_loop()
+    worker = Worker(loop, args)
+    loop.add_signal_handler(signal.SIGTERM, worker._stop)
+    loop.add_signal_handler(signal.SIGINT, worker._stop)
+    worker.start()
+    log.debug("worker started role=%s queue=%d", args.role, args.queue)
+    await worker.stopped
+    worker.engine.stop()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    linux.die_with_parent(args.parent)
+    role = f"{args.role}{args.queue}"
+    linux.set_process_name(f"fastfwd-{role}")
+    logsetup.setup(role, args.loglevel)
+    uvloop.run(run_worker(args))
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
