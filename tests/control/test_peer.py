@@ -1,0 +1,58 @@
+import json
+
+from control.peer import PeerTracker
+
+A, B = ("10.0.0.2", 40000), ("10.0.0.3", 40001)
+
+
+def test_first_heartbeat_sets_the_peer():
+    t = PeerTracker()
+    assert t.heard(A, 100.0)
+    assert t.peer == A
+
+
+def test_live_peer_is_not_replaced_by_a_stranger():
+    t = PeerTracker()
+    t.heard(A, 100.0)
+    assert not t.heard(B, 101.0)
+    t.traffic(104.0)
+    assert not t.tick(105.0)
+    assert t.peer == A
+
+
+def test_candidate_takes_over_once_the_peer_is_silent():
+    t = PeerTracker()
+    t.heard(A, 100.0)
+    assert not t.heard(B, 100.5)  # restarted VM side, old one just died
+    assert not t.tick(105.0)  # A silent for 5 s: within one interval
+    assert not t.heard(B, 105.5)
+    assert t.tick(107.0)  # A silent for 7 s, B heard 1.5 s ago
+    assert t.peer == B
+
+
+def test_stale_candidate_is_forgotten():
+    t = PeerTracker()
+    t.heard(A, 100.0)
+    t.heard(B, 100.5)
+    t.traffic(110.0)  # A is alive after all
+    assert not t.tick(115.0)
+    t.traffic(116.0)
+    assert not t.tick(121.0)
+    assert t.peer == A and t.candidate is None
+
+
+def test_peer_survives_a_restart_through_the_state_file(tmp_path):
+    path = tmp_path / "state"
+    t = PeerTracker(str(path))
+    t.heard(A, 1.0)
+    assert json.loads(path.read_text()) == {"peer": list(A)}
+    restarted = PeerTracker(str(path))
+    assert restarted.load(50.0) == A
+    assert not restarted.heard(B, 51.0)  # the restored peer gets its grace
+    assert restarted.peer == A
+
+
+def test_corrupt_state_file_is_ignored(tmp_path):
+    path = tmp_path / "state"
+    path.write_text("{not json")
+    assert PeerTracker(str(path)).load(1.0) is None

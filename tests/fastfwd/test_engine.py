@@ -1,0 +1,162 @@
+import asyncio
+import socket
+
+import pytest
+
+from control import messages
+from fastfwd import engine, frames
+from fastfwd import stats as st
+from tests.fakes import FakeTun, ipv4_packet, ipv6_packet, udp_pair
+
+
+@pytest.fixture
+def counters():
+    fd = st.create(1)
+    c = st.Counters(fd)
+    yield c
+    import os
+
+    os.close(fd)
+
+
+@pytest.fixture
+def rig(counters):
+    loop = asyncio.new_event_loop()
+    tun = FakeTun()
+    ours, peer = udp_pair()
+    ctl_a, ctl_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ctl_a.setblocking(False)
+    ctl_b.settimeout(2.0)
+    r = type("Rig", (), {})()
+    r.loop, r.tun, r.sock, r.peer, r.control, r.counters = loop, tun, ours, peer, ctl_b, counters
+    r.reader_slot = counters.slot(0)
+    r.writer_slot = counters.slot(1)
+    r.reader = engine.Reader(loop, tun.engine_fd, ours, r.reader_slot, connected=False)
+    r.writer = engine.Writer(loop, tun.engine_fd, ours, r.writer_slot, ctl_a, connected=False)
+    r.spin = lambda: loop.run_until_complete(asyncio.sleep(0.05))
+    yield r
+    for h in (r.reader, r.writer):
+        try:
+            h.stop()
+        except Exception:
+            pass
+    del r.reader_slot, r.writer_slot
+    loop.close()
+    tun.close()
+    ours.close()
+    peer.close()
+    ctl_a.close()
+    ctl_b.close()
+
+
+def test_reader_sends_tun_packets_to_the_peer_and_counts_them(rig):
+    rig.reader.set_peer(rig.peer.getsockname())
+    rig.reader.start()
+    packets = [ipv4_packet(bytes([i]) * 100) for i in range(5)]
+    for p in packets:
+        rig.tun.inject(p)
+    rig.spin()
+    got = [rig.peer.recv(65536) for _ in packets]
+    assert got == packets
+    assert rig.reader_slot[st.PKTS_OUT] == 5
+    assert rig.reader_slot[st.BYTES_OUT] == sum(len(p) for p in packets)
+    assert rig.reader_slot[st.LAST_OUT_NS] > 0
+
+
+def test_reader_without_peer_drops_and_counts(rig):
+    rig.reader.start()
+    rig.tun.inject(ipv4_packet())
+    rig.spin()
+    assert rig.reader_slot[st.DROPS_NO_PEER] == 1
+    assert rig.reader_slot[st.PKTS_OUT] == 0
+
+
+def test_writer_puts_peer_ip_packets_into_tun(rig):
+    rig.writer.set_peer(rig.peer.getsockname())
+    rig.writer.start()
+    v4, v6 = ipv4_packet(), ipv6_packet()
+    rig.peer.sendto(v4, rig.sock.getsockname())
+    rig.peer.sendto(v6, rig.sock.getsockname())
+    rig.spin()
+    assert rig.tun.written() == v4
+    assert rig.tun.written() == v6
+    assert rig.writer_slot[st.PKTS_OUT] == 2
+    assert rig.writer_slot[st.LAST_IN_NS] > 0
+
+
+def test_writer_drops_ip_packets_from_an_address_that_is_not_the_peer(rig):
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rig.writer.set_peer(rig.peer.getsockname())
+    rig.writer.start()
+    stranger.sendto(ipv4_packet(), rig.sock.getsockname())
+    rig.spin()
+    stranger.close()
+    assert rig.tun.nothing_written()
+    assert rig.writer_slot[st.DROPS_UNKNOWN_SRC] == 1
+
+
+def test_writer_hands_heartbeats_to_control_with_their_source(rig):
+    rig.writer.start()
+    rig.peer.sendto(frames.HEARTBEAT_FRAME, rig.sock.getsockname())
+    rig.spin()
+    msg = messages.unpack(rig.control.recv(65536))
+    assert msg["op"] == messages.FRAME
+    assert msg["data"] == b"\x00"
+    assert tuple(msg["src"]) == rig.peer.getsockname()
+    assert rig.writer_slot[st.FRAMES_TO_CONTROL] == 1
+
+
+def test_writer_drops_malformed_and_empty_datagrams(rig):
+    rig.writer.set_peer(rig.peer.getsockname())
+    rig.writer.start()
+    rig.peer.sendto(b"\xff" * 40, rig.sock.getsockname())
+    rig.peer.sendto(b"", rig.sock.getsockname())
+    rig.spin()
+    assert rig.writer_slot[st.DROPS_MALFORMED] == 2
+    assert rig.tun.nothing_written()
+
+
+def _connected_writer(rig):
+    rig.sock.connect(rig.peer.getsockname())
+    rig.peer.connect(rig.sock.getsockname())
+    w = engine.Writer(rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot, rig.writer._channel, connected=True)
+    w.start()
+    return w
+
+
+def test_vm_writer_reassembles_a_control_body_split_over_datagrams(rig):
+    w = _connected_writer(rig)
+    body = frames.encode_commands([("connect", "172.18.0.0", "172.19.0.0")] * 3)
+    for d in frames.control_datagrams(body, 16):
+        rig.peer.send(d)
+    rig.spin()
+    w.stop()
+    msg = messages.unpack(rig.control.recv(65536))
+    assert msg == {"op": messages.CONTROL_BODY, "body": body}
+    assert rig.tun.nothing_written()
+
+
+def test_vm_writer_forwards_an_ip_packet_that_arrives_inside_a_body(rig):
+    w = _connected_writer(rig)
+    body = b"connect 172.18.0.0 172.19.0.0"
+    header, first, second = frames.control_datagrams(body, 20)
+    packet = ipv4_packet()
+    for d in (header, first, packet, second):
+        rig.peer.send(d)
+    rig.spin()
+    w.stop()
+    assert rig.tun.written() == packet
+    assert messages.unpack(rig.control.recv(65536))["body"] == body
+
+
+def test_vm_writer_abandons_a_body_whose_chunk_never_comes(rig, monkeypatch):
+    monkeypatch.setattr(engine, "CONTROL_BODY_TIMEOUT_NS", 0)
+    w = _connected_writer(rig)
+    rig.peer.send(frames.control_header(100))
+    rig.spin()
+    packet = ipv6_packet()
+    rig.peer.send(packet)
+    rig.spin()
+    w.stop()
+    assert rig.writer_slot[st.CONTROL_ABORTED] == 1
+    assert rig.tun.written() == packet

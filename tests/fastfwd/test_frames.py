@@ -1,0 +1,58 @@
+from fastfwd import frames
+from tests.fakes import ipv4_packet, ipv6_packet
+
+
+def test_is_ip_accepts_versions_4_and_6_only():
+    assert frames.is_ip(0x45)
+    assert frames.is_ip(0x60)
+    assert not frames.is_ip(0x00)
+    assert not frames.is_ip(0x01)
+    assert not frames.is_ip(0x5F)
+
+
+def test_control_datagrams_split_body_in_mtu_chunks_after_header():
+    body = frames.encode_commands([("connect", "172.18.0.0", "172.19.0.0")] * 100)
+    datagrams = frames.control_datagrams(body, 1400)
+    assert datagrams[0] == bytes([1, len(body) >> 8, len(body) & 0xFF])
+    assert all(len(d) <= 1400 for d in datagrams[1:])
+    assert b"".join(datagrams[1:]) == body
+    assert len(datagrams) == 1 + -(-len(body) // 1400)
+
+
+def test_control_header_rejects_body_over_64k():
+    try:
+        frames.control_header(70000)
+    except ValueError:
+        return
+    raise AssertionError("a 70000-byte body was accepted")
+
+
+def test_parse_control_header_only_takes_three_byte_frames():
+    assert frames.parse_control_header(b"\x01\x01\x00") == 256
+    assert frames.parse_control_header(b"\x01\x01") is None
+    assert frames.parse_control_header(b"\x00\x01\x00") is None
+
+
+def test_encode_commands_refuses_fields_the_upstream_would_crash_on():
+    for bad in ("", "a b", "a,b"):
+        try:
+            frames.encode_commands([("connect", bad, "172.19.0.0")])
+        except ValueError:
+            continue
+        raise AssertionError(f"field {bad!r} was accepted")
+
+
+def test_decode_commands_tolerates_extra_spaces_and_empty_commands():
+    assert frames.decode_commands(b"connect  a b,, disconnect c d ,") == [
+        ["connect", "a", "b"],
+        ["disconnect", "c", "d"],
+    ]
+
+
+def test_looks_like_ip_packet_tells_packets_from_control_text():
+    v4, v6 = ipv4_packet(), ipv6_packet()
+    assert frames.looks_like_ip_packet(v4, len(v4))
+    assert frames.looks_like_ip_packet(v6, len(v6))
+    text = b"connect 172.18.0.0 172.19.0.0,disconnect 172.20.0.0 172.21.0.0"
+    assert not frames.looks_like_ip_packet(text, len(text))
+    assert not frames.looks_like_ip_packet(v4, len(v4) - 1)
