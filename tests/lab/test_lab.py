@@ -292,7 +292,7 @@ def test_sigterm_tears_down_lab_built_without_with():
         prefix, sleep_pid = child.stdout.readline().split()
         assert namespaces_with(prefix)
         os.kill(child.pid, signal.SIGTERM)
-        assert child.wait(timeout=30) == 128 + signal.SIGTERM
+        assert child.wait(timeout=30) == -signal.SIGTERM
     finally:
         if child.poll() is None:
             child.kill()
