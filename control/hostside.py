@@ -162,8 +162,13 @@ class HostSide(Side):
             setattr(new, key, value)
         await self.apply(new)
 
-    async def apply(self, new):
-        """Switch to ``new``: routes, pairs and loglevel change live."""
+    async def apply(self, new, push=False):
+        """Switch to ``new``: routes, pairs and loglevel change live.
+
+        The ``iptables`` pairs are pushed when they changed, or always with
+        ``push`` (a line given with ``fastfwd config`` is sent at once, like
+        the upstream does, even when it repeats the running state).
+        """
         old = self.cfg
         changed = cfgmod.restart_changes(old, new)
         for name in changed:
@@ -174,7 +179,7 @@ class HostSide(Side):
         if old.loglevel != new.loglevel:
             logsetup.set_level(new.loglevel)
             self.to_workers(messages.pack(messages.SET_LOGLEVEL, level=new.loglevel))
-        if old.pairs != new.pairs:
+        if push or old.pairs != new.pairs:
             self.push_controls()
         log.info("configuration changed routes_added=%d routes_removed=%d", len(added), len(removed))
 
@@ -189,7 +194,7 @@ class HostSide(Side):
             new = cfgmod.parse_text(text, "<config>", base=self.cfg)
         except ConfigError as exc:
             return {"ok": False, "code": "invalid_config", "error": "configuration unchanged", "problems": cfgmod.format_problems(exc.problems)}
-        await self.apply(new)
+        await self.apply(new, push=any(line.split()[:1] == ["iptables"] for line in lines))
         path = self.spec.get("config")
         if path:
             # Appended like the upstream does, so the lines survive a restart.

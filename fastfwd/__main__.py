@@ -1,3 +1,5 @@
+"""``python -m fastfwd``: the command line, which lives in ``control.cli``."""
+
 import sys
 
 from control.cli import main
