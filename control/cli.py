@@ -120,7 +120,7 @@ def cmd_run(args):
             os.close(fd)
         raise
     control_args = {"config": os.path.abspath(args.config), "socket": cfg.socket, "overrides": overrides}
-    sup = Supervisor("host", name, tun_fds, [sock] * 1, control_args, cfg.loglevel)
+    sup = Supervisor("host", name, tun_fds, [sock], control_args, cfg.loglevel)
     return asyncio.run(sup.run())
 
 

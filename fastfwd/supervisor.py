@@ -128,7 +128,7 @@ class Supervisor:
 
     def _worker_child(self, role, queue, wrk_end):
         tun_fd = self.tun_fds[queue]
-        udp = self.udp_socks[queue]
+        udp = self.udp_socks[queue % len(self.udp_socks)]
         argv = [
             sys.executable, "-m", "fastfwd.worker",
             "--role", role, "--queue", str(queue),
