@@ -72,7 +72,8 @@ def test_host_side_serves_an_upstream_vm_side(lab, host_only):
         # A ping from the host to a container reaches the VM side as a raw
         # IPv4 packet; the reply it sends back reaches ping.
         target = str(lab.containers[0].ip)
-        ping = lab.popen(lab.host_ns, "ping", "-c", "1", "-W", "5", target, stdout=-1, text=True)
+        # Several echoes: the first may race the workers learning the peer.
+        ping = lab.popen(lab.host_ns, "ping", "-c", "4", "-i", "0.5", "-W", "5", target, stdout=-1, text=True)
         while True:
             data, src = recv(vm)
             parsed = packets.parse_icmp(data)
