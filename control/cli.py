@@ -37,6 +37,7 @@ def build_parser():
     run.add_argument("--socket", help="control socket (overrides the socket directive)")
     run.add_argument("--dev", help="TUN device name (overrides the dev directive)")
     run.add_argument("--loglevel", help="log level (overrides the loglevel directive)")
+    run.add_argument("--offload", choices=("on", "off"), help="carry TCP super-packets whole with a fastfwd peer (overrides the offload directive)")
 
     con = sub.add_parser(
         "connect",
@@ -52,6 +53,7 @@ def build_parser():
     con.add_argument("--socket", default=VM_SOCKET, help=f"control socket (default {VM_SOCKET})")
     con.add_argument("--workers", default="1", help="worker count, N or auto (default 1)")
     con.add_argument("--no-firewall", action="store_true", help="leave iptables alone (no Docker rules, no connect/disconnect)")
+    con.add_argument("--offload", choices=("on", "off"), default="on", help="carry TCP super-packets whole when the host is fastfwd too (default on)")
     con.add_argument("--loglevel", default=logsetup.env_level(), help="log level (default INFO)")
 
     cfg = sub.add_parser("config", help="add configuration lines to a running host side")
@@ -110,17 +112,19 @@ def cmd_run(args):
             setattr(cfg, key, overrides[key])
     if not linux.valid_ifname(cfg.dev):
         raise ConfigError(f"--dev {cfg.dev!r} is not a valid interface name")
+    if args.offload:
+        cfg.offload = overrides["offload"] = args.offload == "on"
     workers = _workers(args.workers) or _workers(str(cfg.workers))
     logsetup.setup("supervisor", cfg.loglevel)
-    tun_fds, name = endpoints.open_tun(cfg.dev, workers)
+    tun_fds, name, vnet = endpoints.open_tun(cfg.dev, workers, vnet_hdr=cfg.offload)
     try:
-        sock = endpoints.bind_udp(cfg.host, cfg.port)
+        socks = endpoints.bind_udp(cfg.host, cfg.port, workers)
     except TransportError:
         for fd in tun_fds:
             os.close(fd)
         raise
     control_args = {"config": os.path.abspath(args.config), "socket": cfg.socket, "overrides": overrides}
-    sup = Supervisor("host", name, tun_fds, [sock], control_args, cfg.loglevel)
+    sup = Supervisor("host", name, tun_fds, socks, control_args, cfg.loglevel, vnet_hdr=vnet)
     return asyncio.run(sup.run())
 
 
@@ -142,9 +146,9 @@ def cmd_connect(args):
             print(f"fastfwd: created {linux.TUN_PATH}", file=sys.stderr)
     except OSError as exc:
         raise FastfwdError(f"cannot create {linux.TUN_PATH}: {exc.strerror} (needs CAP_MKNOD or --device /dev/net/tun)") from exc
-    tun_fds, name = endpoints.open_tun(args.dev, workers)
+    tun_fds, name, vnet = endpoints.open_tun(args.dev, workers, vnet_hdr=args.offload == "on")
     try:
-        sock = endpoints.dial_udp()
+        socks = endpoints.dial_udp(workers)
     except TransportError:
         for fd in tun_fds:
             os.close(fd)
@@ -153,7 +157,7 @@ def cmd_connect(args):
         "host": args.host, "port": args.port, "addr": str(addr), "mtu": args.mtu,
         "socket": args.socket, "firewall": not args.no_firewall,
     }  # fmt: skip
-    sup = Supervisor("vm", name, tun_fds, [sock], control_args, args.loglevel.upper())
+    sup = Supervisor("vm", name, tun_fds, socks, control_args, args.loglevel.upper(), vnet_hdr=vnet)
     return asyncio.run(sup.run())
 
 

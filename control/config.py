@@ -32,7 +32,7 @@ DEFAULT_DEV = "fastfwd0"
 LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # Directives that need a restart of the host side to change.
-RESTART_ONLY = ("addr", "port", "host", "mtu", "workers", "state", "socket", "dev")
+RESTART_ONLY = ("addr", "port", "host", "mtu", "workers", "state", "socket", "dev", "offload")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class Config:
     socket: str = DEFAULT_SOCKET
     dev: str = DEFAULT_DEV
     udp_config: bool = False
+    offload: bool = True
     lines: dict = field(default_factory=dict)  # directive -> last line number
 
     @property
@@ -225,14 +226,11 @@ def _apply(cfg, directive, args):
         if level not in LOGLEVELS:
             raise ValueError(f"loglevel {args[0]!r}: expected one of {', '.join(LOGLEVELS)}")
         cfg.loglevel = level
-    elif directive in ("pong", "udp-config"):
+    elif directive in ("pong", "udp-config", "offload"):
         _nargs(args, 1, 1, f"{directive} on|off")
         if args[0] not in ("on", "off"):
             raise ValueError(f"{directive} {args[0]!r}: expected on or off")
-        if directive == "pong":
-            cfg.pong = args[0] == "on"
-        else:
-            cfg.udp_config = args[0] == "on"
+        setattr(cfg, directive.replace("-", "_"), args[0] == "on")
     elif directive == "workers":
         _nargs(args, 1, 1, "workers N|auto")
         cfg.workers = "auto" if args[0] == "auto" else _int(args[0], "workers", 1, 64)

@@ -12,7 +12,7 @@ import time
 
 from control import config as cfgmod
 from control import messages
-from control.peer import PeerTracker
+from control.peer import HELLO_LEASE_S, PeerTracker
 from control.process import Side
 from control.routes import Netlink, RouteTable
 from fastfwd import frames, logsetup
@@ -39,6 +39,11 @@ class HostSide(Side):
         self._next_route_check = 0.0
         self.pushes = 0
         self.udp_config_ignored = 0
+        self.vnet_hdr = bool(spec.get("vnet_hdr"))
+        self.peer_hello = None  # (version, caps, mtu, ports) of the current peer
+        self.peer_hello_at = 0.0
+        self.framing = "compat"
+        self.mtu_warned = None
 
     async def setup(self):
         self.nl = Netlink()
@@ -80,18 +85,66 @@ class HostSide(Side):
         if kind == frames.HEARTBEAT and len(data) == 1:
             if self.peer.heard(src, time.monotonic()):
                 self.on_peer_changed()
+        elif kind == frames.HELLO:
+            hello = frames.decode_hello(data)
+            if hello is None:
+                log.debug("malformed hello ignored src=%s", src)
+                return
+            now = time.monotonic()
+            if self.peer.heard(src, now):
+                self.on_peer_changed()
+            if src == self.peer.peer:
+                self.on_hello(src, hello, now)
         elif kind == frames.CONTROL and len(data) > 1:
             self.on_udp_config(src, bytes(data[1:]))
         else:
             log.debug("frame ignored src=%s type=%d bytes=%d", src, kind, len(data))
 
     def on_peer_changed(self):
-        self.to_workers(messages.pack(messages.SET_PEER, addr=messages.peer_to_wire(self.peer.peer)))
+        # A new peer speaks the upstream format until its hello says more.
+        self.peer_hello = None
+        self.send_peer()
         self.push_controls()
 
+    def on_hello(self, src, hello, now):
+        """A fastfwd VM side announced itself: answer, and use what it can do."""
+        version, caps, mtu, ports = hello
+        our_caps = frames.CAP_OFFLOAD if self.vnet_hdr and self.cfg.offload else 0
+        try:
+            self.socks[0].sendto(frames.encode_hello(our_caps, self.cfg.mtu), src)
+        except OSError as exc:
+            log.debug("hello reply failed errno=%s", exc.errno)
+        if mtu != self.cfg.mtu and self.mtu_warned != (src, mtu):
+            self.mtu_warned = (src, mtu)
+            log.warning("mtu mismatch peer=%s:%d peer_mtu=%d our_mtu=%d: set the same -mtu on both sides", src[0], src[1], mtu, self.cfg.mtu)
+        changed = self.peer_hello != hello
+        self.peer_hello, self.peer_hello_at = hello, now
+        if changed:
+            log.info("peer is fastfwd version=%d caps=%#x ports=%d", version, caps, len(ports))
+            self.send_peer()
+
+    def wanted_framing(self):
+        if self.peer_hello is None or not (self.vnet_hdr and self.cfg.offload):
+            return "compat"
+        return "offload" if self.peer_hello[1] & frames.CAP_OFFLOAD else "compat"
+
+    def send_peer(self):
+        """Tell every worker where the peer is and how to frame for it."""
+        peer = self.peer.peer
+        if peer is None:
+            return
+        ports = self.peer_hello[3] if self.peer_hello else ()
+        addrs = [(peer[0], p) for p in ports] or [peer]
+        if peer not in addrs:
+            addrs.insert(0, peer)
+        framing = self.wanted_framing()
+        if framing != self.framing:
+            log.info("framing changed peer=%s:%d framing=%s", peer[0], peer[1], framing)
+            self.framing = framing
+        self.to_workers(messages.pack(messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing))
+
     def on_worker_started(self, role, queue):
-        if self.peer.peer is not None:
-            self.to_workers(messages.pack(messages.SET_PEER, addr=messages.peer_to_wire(self.peer.peer)))
+        self.send_peer()
 
     async def on_tick(self, now):
         last = self.latest("writer", "last_in_ns")
@@ -99,6 +152,10 @@ class HostSide(Side):
             self.peer.traffic(last)
         if self.peer.tick(now):
             self.on_peer_changed()
+        if self.peer_hello is not None and now - self.peer_hello_at > HELLO_LEASE_S:
+            log.info("peer stopped saying hello, back to the upstream format")
+            self.peer_hello = None
+            self.send_peer()
         if now >= self._next_route_check:
             self._next_route_check = now + ROUTE_CHECK_S
             added, _ = await self.nl.run(self.routes.reconcile, list(self.cfg.routes.values()))
@@ -216,5 +273,6 @@ class HostSide(Side):
             refused_routes={str(k): v for k, v in self.routes.refused.items()},
             control_pushes=self.pushes,
             address=f"{self.cfg.host_ip}/{self.cfg.addr.network.prefixlen}",
+            framing=self.framing,
         )
         return out

@@ -10,7 +10,7 @@ imports nothing else from the project. Every message is a map with an
 import msgpack
 
 # control -> worker
-SET_PEER = "set_peer"  # addr: [host, port] or None
+SET_PEER = "set_peer"  # addrs: [[host, port], ...] (may be empty), framing: str
 SET_LOGLEVEL = "set_loglevel"  # level: str
 STOP = "stop"
 
@@ -42,6 +42,14 @@ def unpack(data):
     if not isinstance(msg, dict) or not isinstance(msg.get("op"), str):
         raise ValueError("control message without an op")
     return msg
+
+
+def peers_to_wire(addrs):
+    return [[a[0], int(a[1])] for a in addrs]
+
+
+def peers_from_wire(value):
+    return [(str(a[0]), int(a[1])) for a in value or ()]
 
 
 def peer_to_wire(addr):

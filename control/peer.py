@@ -24,6 +24,9 @@ HEARTBEAT_S = 5.0
 # A live peer is never silent longer than one heartbeat interval; allow for
 # scheduling and one lost heartbeat's worth of jitter.
 STALE_AFTER_S = HEARTBEAT_S + 1.5
+# fastfwd sides say hello every heartbeat interval; a peer silent on hello
+# for this long is treated as an upstream one again.
+HELLO_LEASE_S = 3 * HEARTBEAT_S + 1.0
 
 
 class PeerTracker:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # Shown by `ip route` as "proto 251"; 251 echoes the default port and subnet.
 RTPROT_FASTFWD = 251
 MAIN_TABLE = 254
+GSO_MAX_BYTES = 65000
 
 
 class Netlink:
@@ -61,6 +62,12 @@ class Netlink:
         index = self.ifindex(ifname)
         try:
             self.ipr.link("set", index=index, mtu=mtu)
+            try:
+                # A super-packet plus fastfwd's 11 bytes of framing must fit
+                # one UDP datagram (65507 bytes over IPv4).
+                self.ipr.link("set", index=index, gso_max_size=GSO_MAX_BYTES)
+            except NetlinkError as exc:
+                log.debug("gso_max_size not set dev=%s reason=%s", ifname, _reason(exc))
             try:
                 self.ipr.addr("add", index=index, address=str(address), prefixlen=prefixlen)
             except NetlinkError as exc:

@@ -15,7 +15,8 @@ import socket
 import time
 
 from control import iptables as ipt
-from control.peer import HEARTBEAT_S
+from control import messages
+from control.peer import HEARTBEAT_S, HELLO_LEASE_S
 from control.process import Side
 from control.routes import Netlink
 from fastfwd import frames
@@ -40,6 +41,12 @@ class VmSide(Side):
         self.addr = ipaddress.IPv4Interface(spec["addr"])
         self.mtu = spec["mtu"]
         self.firewall = spec.get("firewall", True)
+        self.vnet_hdr = bool(spec.get("vnet_hdr"))
+        self.host_hello = None  # (version, caps, mtu, ports) of a fastfwd host
+        self.host_hello_at = 0.0
+        self.last_hello = 0.0
+        self.framing = "compat"
+        self.mtu_warned = None
         self.nl = None
         self.ipt = None
         self.forward_chain = None
@@ -145,16 +152,59 @@ class VmSide(Side):
                 await asyncio.sleep(RESOLVE_BACKOFF_S[-1])
 
     def connect(self, addr):
-        # The socket is shared with the workers (one open file), so
-        # connecting it here redirects the reader and filters the writer.
+        # The sockets are shared with the workers (one open file each), so
+        # connecting them here redirects the readers and filters the writers.
         try:
-            self.socks[0].connect(addr)
+            for sock in self.socks:
+                sock.connect(addr)
         except OSError as exc:
             log.warning("host unreachable addr=%s:%d errno=%s", addr[0], addr[1], exc.errno)
             return
         old, self.host_addr = self.host_addr, addr
         log.info("host connected addr=%s:%d previous=%s", addr[0], addr[1], old)
-        self.send_heartbeat(time.monotonic())
+        self.host_hello = None
+        self.send_framing()
+        now = time.monotonic()
+        self.send_heartbeat(now)
+        self.send_hello(now)
+
+    def send_hello(self, now):
+        """Tell a fastfwd host what we can do; an upstream host ignores it."""
+        caps = frames.CAP_OFFLOAD if self.vnet_hdr else 0
+        ports = [sock.getsockname()[1] for sock in self.socks]
+        try:
+            self.socks[0].send(frames.encode_hello(caps, self.mtu, ports))
+        except OSError as exc:
+            log.debug("hello failed errno=%s", exc.errno)
+        self.last_hello = now
+
+    def on_frame(self, src, data):
+        if not data or data[0] != frames.HELLO:
+            log.debug("frame from host ignored type=%d bytes=%d", data[0] if data else -1, len(data))
+            return
+        hello = frames.decode_hello(data)
+        if hello is None:
+            return
+        now = time.monotonic()
+        if hello[2] != self.mtu and self.mtu_warned != hello[2]:
+            self.mtu_warned = hello[2]
+            log.warning("mtu mismatch host_mtu=%d our_mtu=%d: set the same mtu on both sides", hello[2], self.mtu)
+        changed = self.host_hello != hello
+        self.host_hello, self.host_hello_at = hello, now
+        if changed:
+            log.info("host is fastfwd version=%d caps=%#x", hello[0], hello[1])
+            self.send_framing()
+
+    def send_framing(self):
+        offload = self.vnet_hdr and self.host_hello is not None and self.host_hello[1] & frames.CAP_OFFLOAD
+        framing = "offload" if offload else "compat"
+        if framing != self.framing:
+            log.info("framing changed framing=%s", framing)
+            self.framing = framing
+        self.to_workers(messages.pack(messages.SET_PEER, addrs=[], framing=framing))
+
+    def on_worker_started(self, role, queue):
+        self.send_framing()
 
     def send_heartbeat(self, now):
         try:
@@ -169,6 +219,12 @@ class VmSide(Side):
             last_sent = max(self.last_heartbeat, self.latest("reader", "last_out_ns"))
             if now - last_sent >= HEARTBEAT_S:
                 self.send_heartbeat(now)
+            if now - self.last_hello >= HEARTBEAT_S:
+                self.send_hello(now)
+        if self.host_hello is not None and now - self.host_hello_at > HELLO_LEASE_S:
+            log.info("host stopped answering hello, back to the upstream format")
+            self.host_hello = None
+            self.send_framing()
         if now >= self._next_pair_retry and self.pairs - self.applied.keys():
             self._next_pair_retry = now + PAIR_RETRY_S
             await self.nl.run(self.reconcile_pairs, frozenset(self.pairs))
@@ -249,6 +305,7 @@ class VmSide(Side):
         out = await super().status()
         out.update(
             host=None if self.host_addr is None else f"{self.host_addr[0]}:{self.host_addr[1]}",
+            framing=self.framing,
             heartbeats=self.heartbeats,
             pairs=sorted(" ".join(p) for p in self.applied),
             pending_pairs=sorted(" ".join(p) for p in self.pairs - self.applied.keys()),

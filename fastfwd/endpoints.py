@@ -15,34 +15,57 @@ from fastfwd.errors import DeviceError, PermissionProblem, TransportError
 SOCKET_BUFFER_BYTES = 4 << 20
 
 
-def open_tun(name, queues):
-    """Open ``queues`` queues of a new TUN device; returns ``(fds, name)``."""
+def open_tun(name, queues, vnet_hdr=False):
+    """Open ``queues`` queues of a new TUN device.
+
+    Returns ``(fds, name, vnet_hdr)``. With ``vnet_hdr`` every packet on the
+    device carries a virtio-net header (needed to carry offloaded
+    super-packets) if the kernel allows it; the third value says whether it
+    does. Offloads themselves stay off until a peer can take them.
+    """
     if not os.path.exists(linux.TUN_PATH):
         raise DeviceError(
             f"{linux.TUN_PATH} does not exist: load the tun module (modprobe tun) "
             "or pass the device to the container (--device /dev/net/tun)"
         )
+    if vnet_hdr:
+        try:
+            return _open_queues(name, queues, True) + (True,)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise _tun_error(name, exc) from exc
+    try:
+        return _open_queues(name, queues, False) + (False,)
+    except OSError as exc:
+        raise _tun_error(name, exc) from exc
+
+
+def _open_queues(name, queues, vnet_hdr):
     fds = []
     try:
-        fd, actual = linux.open_tun_queue(name)
+        fd, actual = linux.open_tun_queue(name, vnet_hdr=vnet_hdr)
         fds.append(fd)
         for _ in range(queues - 1):
-            fds.append(linux.open_tun_queue(actual)[0])
-    except OSError as exc:
+            fds.append(linux.open_tun_queue(actual, vnet_hdr=vnet_hdr)[0])
+    except OSError:
         for fd in fds:
             os.close(fd)
-        if linux.is_permission_error(exc):
-            raise PermissionProblem(
-                f"cannot create TUN device {name}: {exc.strerror} "
-                "(run as root or grant CAP_NET_ADMIN)"
-            ) from exc
-        if exc.errno == errno.EBUSY:
-            raise DeviceError(
-                f"cannot create TUN device {name}: it exists and is in use "
-                "(another fastfwd running?)"
-            ) from exc
-        raise DeviceError(f"cannot create TUN device {name}: {exc.strerror}") from exc
+        raise
     return fds, actual
+
+
+def _tun_error(name, exc):
+    if linux.is_permission_error(exc):
+        return PermissionProblem(
+            f"cannot create TUN device {name}: {exc.strerror} "
+            "(run as root or grant CAP_NET_ADMIN)"
+        )
+    if exc.errno == errno.EBUSY:
+        return DeviceError(
+            f"cannot create TUN device {name}: it exists and is in use "
+            "(another fastfwd running?)"
+        )
+    return DeviceError(f"cannot create TUN device {name}: {exc.strerror}")
 
 
 def _tune(sock):
@@ -55,31 +78,45 @@ def _tune(sock):
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
 
 
-def bind_udp(host, port):
-    """The host side's UDP socket, bound to ``host:port``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def bind_udp(host, port, count=1):
+    """The host side's UDP sockets, one per worker, all bound to ``host:port``.
+
+    Several sockets share the port through SO_REUSEPORT; the kernel then
+    spreads the peer's worker sockets over them by address hash.
+    """
+    socks = []
     try:
-        sock.bind((host, port))
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            if count > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            _tune(sock)
+            sock.setblocking(False)
     except OSError as exc:
-        sock.close()
+        for sock in socks:
+            sock.close()
         hint = " (another fastfwd or connector running?)" if exc.errno == errno.EADDRINUSE else ""
         raise TransportError(f"cannot listen on UDP {host}:{port}: {exc.strerror}{hint}") from exc
-    _tune(sock)
-    sock.setblocking(False)
-    return sock
+    return socks
 
 
-def dial_udp():
-    """The VM side's UDP socket: bound to an ephemeral port, not yet connected.
-
-    The control process connects it once the host's name resolves.
+def dial_udp(count=1):
+    """The VM side's UDP sockets, one per worker, each on its own ephemeral
+    port and not yet connected: the control process connects them once the
+    host's name resolves. Distinct ports let the host's kernel spread them.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    socks = []
     try:
-        sock.bind(("0.0.0.0", 0))
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.bind(("0.0.0.0", 0))
+            _tune(sock)
+            sock.setblocking(False)
     except OSError as exc:
-        sock.close()
+        for sock in socks:
+            sock.close()
         raise TransportError(f"cannot create a UDP socket: {exc.strerror}") from exc
-    _tune(sock)
-    sock.setblocking(False)
-    return sock
+    return socks

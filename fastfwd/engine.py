@@ -28,45 +28,42 @@ import os
 import time
 
 from control import messages
-from fastfwd import frames
+from fastfwd import frames, linux
 from fastfwd import stats as st
 
 log = logging.getLogger(__name__)
 
 BATCH_PKTS = 256
-BUFFER_BYTES = 65536
+# A TUN super-packet (gso_max_size is kept below 64 KiB) plus its header.
+BUFFER_BYTES = 65536 + 64
 CONTROL_BODY_TIMEOUT_NS = 1_000_000_000
 
 
-class Framing:
-    """How a TUN packet becomes a datagram and back.
+# Reader framings: how a packet read from TUN becomes a datagram.
+COMPAT = "compat"  # one IP packet per datagram, exactly as the upstream
+OFFLOAD = "offload"  # OFFLOAD frame byte + virtio-net header + super-packet
 
-    ``headroom`` bytes in front of each packet are free for a header; the
-    reader reads the packet at ``buf[headroom:]`` and sends
-    ``buf[:headroom + n]`` after :meth:`encode` filled the front. The
-    upstream-compatible framing has no header at all. A framing that carries
-    offloaded super-packets puts its header (virtio-net header, flags) in
-    the headroom, so the hot loops stay as they are.
-    """
-
-    headroom = 0
-
-    def encode(self, buf, n):
-        """Fill ``buf[:headroom]`` for a packet of ``n`` bytes after it."""
-
-
-COMPAT = Framing()
+_VNET = linux.VNET_HDR_BYTES
+OFFLOAD_FRAME = frames.OFFLOAD
 
 
 class Reader:
     """Carries packets from one TUN queue to the UDP socket.
 
-    ``connected`` means the socket was connected to the peer by the control
-    process (VM side); otherwise each datagram goes to the address set with
-    :meth:`set_peer` (host side).
+    ``connected`` means the control process connected the socket to the peer
+    (VM side); otherwise each datagram goes to the address set with
+    :meth:`set_peer` (host side). ``vnet_hdr`` says the TUN queue was opened
+    with IFF_VNET_HDR, so every read starts with a virtio-net header.
+
+    Buffer layout with a virtio-net header: the packet is read at offset 1,
+    so ``buf[0]`` holds the OFFLOAD frame byte, ``buf[1:11]`` the header and
+    ``buf[11:]`` the packet. In OFFLOAD framing the datagram is ``buf[0:]``;
+    in COMPAT framing it is ``buf[11:]``, the bare packet, and a packet that
+    still needs segmentation (left over from a switch of framing) is dropped
+    and counted, since a compatible peer cannot take it.
     """
 
-    def __init__(self, loop, tun_fd, sock, counters, *, connected, framing=COMPAT):
+    def __init__(self, loop, tun_fd, sock, counters, *, connected, vnet_hdr=False):
         self._loop = loop
         self._tun_fd = tun_fd
         # A raw FileIO returns None instead of raising when the fd would block.
@@ -74,12 +71,14 @@ class Reader:
         self._sock = sock
         self._c = counters
         self._connected = connected
-        self._framing = framing
+        self._vnet = vnet_hdr
         self._buf = bytearray(BUFFER_BYTES)
+        self._buf[0] = frames.OFFLOAD
         self._view = memoryview(self._buf)
-        self._rx_view = self._view[framing.headroom :]
+        self._rx_view = self._view[1:] if vnet_hdr else self._view
         self._peer = None
-        self._pending_bytes = 0
+        self._pending = (0, 0)
+        self.set_framing(COMPAT)
 
     def start(self):
         self._loop.add_reader(self._tun_fd, self._on_tun_readable)
@@ -92,31 +91,44 @@ class Reader:
         """Send to ``addr`` (an ``(ip, port)`` tuple) from now on; None stops."""
         self._peer = addr
 
+    def set_framing(self, framing):
+        """Switch between COMPAT and OFFLOAD (OFFLOAD needs ``vnet_hdr``)."""
+        if framing == OFFLOAD and not self._vnet:
+            raise ValueError("offload framing needs a TUN opened with IFF_VNET_HDR")
+        self.framing = framing
+        if not self._vnet:
+            self._start, self._end_extra, self._check_gso = 0, 0, False
+        elif framing == OFFLOAD:
+            self._start, self._end_extra, self._check_gso = 0, 1, False
+        else:
+            self._start, self._end_extra, self._check_gso = 1 + _VNET, 1, True
+
     def _on_tun_readable(self):
         readinto = self._tun.readinto
-        rx_view, view = self._rx_view, self._view
+        buf, rx_view, view = self._buf, self._rx_view, self._view
         sock, peer, connected = self._sock, self._peer, self._connected
-        headroom, encode = self._framing.headroom, self._framing.encode
-        pkts = out_bytes = in_bytes = no_peer = io_errors = received = 0
+        start, extra, check_gso = self._start, self._end_extra, self._check_gso
+        pkts = out_bytes = in_bytes = no_peer = io_errors = received = bad = 0
         for _ in range(BATCH_PKTS):
             n = readinto(rx_view)
             if n is None:
                 break
             received += 1
             in_bytes += n
-            if headroom:
-                encode(view, n)
-            size = headroom + n
+            if check_gso and buf[2] != 0:  # gso_type: needs segmentation
+                bad += 1
+                continue
+            end = n + extra
             try:
                 if connected:
-                    sock.send(view[:size])
+                    sock.send(view[start:end])
                 elif peer is not None:
-                    sock.sendto(view[:size], peer)
+                    sock.sendto(view[start:end], peer)
                 else:
                     no_peer += 1
                     continue
             except BlockingIOError:
-                self._pause(size)
+                self._pause(start, end)
                 break
             except OSError as exc:
                 if exc.errno in _NOT_CONNECTED:
@@ -125,7 +137,7 @@ class Reader:
                     io_errors += 1
                 continue
             pkts += 1
-            out_bytes += size
+            out_bytes += end - start
         c = self._c
         c[st.PKTS_IN] += received
         c[st.BYTES_IN] += in_bytes
@@ -136,31 +148,32 @@ class Reader:
             c[st.DROPS_NO_PEER] += no_peer
         if io_errors:
             c[st.DROPS_IO] += io_errors
+        if bad:
+            c[st.DROPS_MALFORMED] += bad
         if pkts:
             c[st.LAST_OUT_NS] = time.monotonic_ns()
 
-    def _pause(self, size):
+    def _pause(self, start, end):
         # The datagram stays in the buffer; nothing reads TUN until it is sent.
-        self._pending_bytes = size
+        self._pending = (start, end)
         self._c[st.BACKPRESSURE] += 1
         self._loop.remove_reader(self._tun_fd)
         self._loop.add_writer(self._sock.fileno(), self._on_sock_writable)
 
     def _on_sock_writable(self):
-        size = self._pending_bytes
+        start, end = self._pending
         try:
             if self._connected:
-                self._sock.send(self._view[:size])
+                self._sock.send(self._view[start:end])
             elif self._peer is not None:
-                self._sock.sendto(self._view[:size], self._peer)
+                self._sock.sendto(self._view[start:end], self._peer)
         except BlockingIOError:
             return
         except OSError:
             self._c[st.DROPS_IO] += 1
         else:
             self._c[st.PKTS_OUT] += 1
-            self._c[st.BYTES_OUT] += size
-        self._pending_bytes = 0
+            self._c[st.BYTES_OUT] += end - start
         self._loop.remove_writer(self._sock.fileno())
         self._loop.add_reader(self._tun_fd, self._on_tun_readable)
 
@@ -172,21 +185,28 @@ class Writer:
     """Carries datagrams from the UDP socket to one TUN queue.
 
     On the host side (``connected`` false) only IP packets whose source is
-    the peer reach TUN; on the VM side the kernel already filters by the
-    connected address. ``channel`` is the non-blocking seqpacket socket to
-    the control process.
+    one of the peer's addresses reach TUN; on the VM side the kernel already
+    filters by the connected address. ``channel`` is the non-blocking
+    seqpacket socket to the control process.
+
+    With ``vnet_hdr`` every TUN write starts with a virtio-net header. The
+    datagram is received at offset 10, so an IP packet is written as
+    ``buf[0:]`` behind ten zero bytes (which no receive ever overwrites) and
+    an OFFLOAD frame as ``buf[11:]``, its own header followed by the packet.
     """
 
-    def __init__(self, loop, tun_fd, sock, counters, channel, *, connected):
+    def __init__(self, loop, tun_fd, sock, counters, channel, *, connected, vnet_hdr=False):
         self._loop = loop
         self._tun_fd = tun_fd
         self._sock = sock
         self._c = counters
         self._channel = channel
         self._connected = connected
-        self._buf = bytearray(BUFFER_BYTES)
+        self._off = _VNET if vnet_hdr else 0
+        self._buf = bytearray(BUFFER_BYTES + self._off)
         self._view = memoryview(self._buf)
-        self._peer = None
+        self._rx = self._view[self._off :]
+        self._peers = frozenset([None]) if connected else frozenset()
         # VM side: a control body being reassembled from chunks.
         self._body = None
         self._body_left = 0
@@ -198,13 +218,15 @@ class Writer:
     def stop(self):
         self._loop.remove_reader(self._sock.fileno())
 
-    def set_peer(self, addr):
-        self._peer = addr
+    def set_peer(self, addrs):
+        """Accept IP packets from these ``(ip, port)`` addresses (host side)."""
+        if not self._connected:
+            self._peers = frozenset(addrs)
 
     def _on_udp_readable(self):
-        buf, view, tun_fd = self._buf, self._view, self._tun_fd
+        buf, view, rx, off, tun_fd = self._buf, self._view, self._rx, self._off, self._tun_fd
         write = os.write
-        peer = self._peer
+        peers = self._peers
         recv_into, recvfrom_into = self._sock.recv_into, self._sock.recvfrom_into
         connected = self._connected
         src = None
@@ -213,9 +235,9 @@ class Writer:
         for _ in range(BATCH_PKTS):
             try:
                 if connected:
-                    n = recv_into(buf)
+                    n = recv_into(rx)
                 else:
-                    n, src = recvfrom_into(buf)
+                    n, src = recvfrom_into(rx)
             except BlockingIOError:
                 break
             except OSError:
@@ -224,9 +246,18 @@ class Writer:
                 continue
             received += 1
             in_bytes += n
-            if n and (buf[0] >> 4 == 4 or buf[0] >> 4 == 6) and src == peer and not collecting:
+            first = buf[off] if n else 0xFF
+            if src in peers and not collecting:
+                if first >> 4 == 4 or first >> 4 == 6:
+                    packet = view[: off + n]
+                elif first == OFFLOAD_FRAME and off:
+                    packet = view[off + 1 : off + n]
+                else:
+                    self._slow_path(n, src)
+                    collecting = self._body is not None
+                    continue
                 try:
-                    write(tun_fd, view[:n])
+                    write(tun_fd, packet)
                 except OSError:
                     io_errors += 1
                     continue
@@ -248,35 +279,38 @@ class Writer:
             c[st.LAST_IN_NS] = time.monotonic_ns()
 
     def _slow_path(self, n, src):
-        buf = self._buf
+        rx = self._rx
         if self._body is not None and self._collect_body(n):
             return
         if n == 0:
             self._c[st.DROPS_MALFORMED] += 1
             return
-        first = buf[0]
-        if frames.is_ip(first):
-            if src != self._peer:
+        first = rx[0]
+        if frames.is_ip(first) or first == OFFLOAD_FRAME:
+            if src not in self._peers:
                 self._c[st.DROPS_UNKNOWN_SRC] += 1
-                return
-            self._write_tun(n)
+            elif first == OFFLOAD_FRAME and not self._off:
+                self._c[st.DROPS_MALFORMED] += 1
+            else:
+                start = self._off + 1 if first == OFFLOAD_FRAME else 0
+                self._write_tun(self._view[start : self._off + n])
             return
         if self._connected and n == frames.CONTROL_HEADER_BYTES and first == frames.CONTROL:
-            self._start_body(buf[1] << 8 | buf[2])
+            self._start_body(rx[1] << 8 | rx[2])
             return
         if first < 0x10 and n <= frames.UPSTREAM_BUFFER_BYTES:
-            self._to_control(messages.pack(messages.FRAME, src=messages.peer_to_wire(src), data=bytes(buf[:n])))
+            self._to_control(messages.pack(messages.FRAME, src=messages.peer_to_wire(src), data=bytes(rx[:n])))
             return
         self._c[st.DROPS_MALFORMED] += 1
 
-    def _write_tun(self, n):
+    def _write_tun(self, packet):
         try:
-            os.write(self._tun_fd, self._view[:n])
+            os.write(self._tun_fd, packet)
         except OSError:
             self._c[st.DROPS_IO] += 1
             return
         self._c[st.PKTS_OUT] += 1
-        self._c[st.BYTES_OUT] += n
+        self._c[st.BYTES_OUT] += len(packet)
 
     def _start_body(self, length):
         self._body = bytearray()
@@ -295,9 +329,9 @@ class Writer:
         if time.monotonic_ns() > self._body_deadline_ns:
             self._abort_body()
             return False
-        if frames.looks_like_ip_packet(self._buf, n):
+        if frames.looks_like_ip_packet(self._rx, n) or self._rx[0] == OFFLOAD_FRAME:
             return False
-        self._body += self._view[:n]
+        self._body += self._rx[:n]
         self._body_left -= n
         if self._body_left <= 0:
             self._finish_body()

@@ -12,6 +12,13 @@ starts with a frame type byte:
 
 Both upstream sides read into 2000-byte buffers and keep body lengths in 16
 bits, so a compatible peer needs MTU < 2000 and bodies under 64 KiB.
+
+fastfwd's extensions, used only between two fastfwd sides after a hello
+exchange (docs/protocol.md):
+
+* ``0x03`` hello: capabilities, MTU and the sender's worker ports.
+* ``0x10`` offload frame: a 10-byte virtio-net header, then one packet of up
+  to 64 KiB that may still need segmentation (a TCP super-packet).
 """
 
 import struct
@@ -19,6 +26,13 @@ import struct
 HEARTBEAT = 0x00
 CONTROL = 0x01
 NOT_LOGGED_IN = 0x02
+HELLO = 0x03
+OFFLOAD = 0x10
+
+HELLO_MAGIC = b"FFWD"
+HELLO_VERSION = 1
+CAP_OFFLOAD = 0x0001  # the sender accepts OFFLOAD frames
+_HELLO = struct.Struct("!B4sBHHB")
 
 HEARTBEAT_FRAME = b"\x00"
 CONTROL_HEADER_BYTES = 3
@@ -104,3 +118,23 @@ def decode_commands(body):
     """
     text = bytes(body).decode("ascii", errors="replace")
     return [c.split() for c in text.split(",") if c.strip()]
+
+
+def encode_hello(caps, mtu, ports=()):
+    """A hello frame announcing ``caps``, our ``mtu`` and worker ``ports``."""
+    ports = list(ports)[:255]
+    return _HELLO.pack(HELLO, HELLO_MAGIC, HELLO_VERSION, caps, mtu, len(ports)) + struct.pack(
+        f"!{len(ports)}H", *ports
+    )
+
+
+def decode_hello(data):
+    """``(version, caps, mtu, ports)`` of a hello frame, or None if malformed."""
+    data = bytes(data)
+    if len(data) < _HELLO.size:
+        return None
+    kind, magic, version, caps, mtu, count = _HELLO.unpack_from(data)
+    if kind != HELLO or magic != HELLO_MAGIC or len(data) != _HELLO.size + 2 * count:
+        return None
+    ports = struct.unpack_from(f"!{count}H", data, _HELLO.size)
+    return version, caps, mtu, ports

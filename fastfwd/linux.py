@@ -24,6 +24,19 @@ IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
 
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+# struct virtio_net_hdr: flags, gso_type, hdr_len, gso_size, csum_start,
+# csum_offset; in the host's byte order (both ends are little-endian in
+# practice).
+VNET_HDR_BYTES = 10
+VNET_HDR_F_NEEDS_CSUM = 0x01
+VNET_GSO_NONE = 0
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
@@ -62,6 +75,32 @@ def open_tun_queue(name, multi_queue=True, vnet_hdr=False):
         raise
     actual = res[:IFNAMSIZ].split(b"\0", 1)[0].decode()
     return fd, actual
+
+
+def set_offload(fd, enabled):
+    """Let the kernel hand over (and accept) TCP super-packets on the device.
+
+    With ``enabled``, reads return up to 64 KiB packets that still need
+    segmentation, described by their virtio-net header, and checksums may be
+    left to the receiver. Applies to every queue of the device. Returns the
+    offload flags the kernel accepted (0 when disabled); raises OSError when
+    the device was not opened with a virtio-net header.
+    """
+    if not enabled:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+        return 0
+    for flags in (
+        TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN,
+        TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+        TUN_F_CSUM,
+    ):
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+            return flags
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    raise OSError(errno.EINVAL, "the TUN device accepts no offload")
 
 
 def valid_ifname(name):

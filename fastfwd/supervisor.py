@@ -73,8 +73,9 @@ class Supervisor:
     passed to the control process as its specification (JSON).
     """
 
-    def __init__(self, side, tun_name, tun_fds, udp_socks, control_args, loglevel):
+    def __init__(self, side, tun_name, tun_fds, udp_socks, control_args, loglevel, vnet_hdr=False):
         self.side = side
+        self.vnet_hdr = vnet_hdr
         self.tun_name = tun_name
         self.tun_fds = tun_fds
         self.udp_socks = udp_socks
@@ -108,6 +109,7 @@ class Supervisor:
         spec.update(
             side=self.side,
             tun_name=self.tun_name,
+            vnet_hdr=self.vnet_hdr,
             udp_fds=[s.fileno() for s in self.udp_socks],
             sup_fd=self.sup_theirs.fileno(),
             stats_fd=self.stats_fd,
@@ -138,6 +140,8 @@ class Supervisor:
         ]  # fmt: skip
         if self.side == "vm":
             argv.append("--connected")
+        if self.vnet_hdr:
+            argv.append("--vnet-hdr")
         fds = [tun_fd, udp.fileno(), wrk_end.fileno(), self.stats_fd]
         return Child(f"{role}{queue}", argv, fds)
 

@@ -27,6 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--role", choices=("reader", "writer"), required=True)
     p.add_argument("--queue", type=int, default=0)
     p.add_argument("--connected", action="store_true")
+    p.add_argument("--vnet-hdr", action="store_true")
     p.add_argument("--tun-fd", type=int, required=True)
     p.add_argument("--udp-fd", type=int, required=True)
     p.add_argument("--chan-fd", type=int, required=True)
@@ -50,12 +51,13 @@ class Worker:
         self.channel.setblocking(False)
         if args.role == "reader":
             self.engine = engine.Reader(
-                loop, args.tun_fd, self.sock, slot, connected=args.connected
+                loop, args.tun_fd, self.sock, slot, connected=args.connected, vnet_hdr=args.vnet_hdr
             )
         else:
             self.engine = engine.Writer(
-                loop, args.tun_fd, self.sock, slot, self.channel, connected=args.connected
-            )
+                loop, args.tun_fd, self.sock, slot, self.channel,
+                connected=args.connected, vnet_hdr=args.vnet_hdr,
+            )  # fmt: skip
         self.stopped = loop.create_future()
 
     def start(self):
@@ -83,12 +85,36 @@ class Worker:
     def handle(self, msg):
         op = msg["op"]
         if op == messages.SET_PEER:
-            self.engine.set_peer(messages.peer_from_wire(msg.get("addr")))
-            log.debug("peer set addr=%s", msg.get("addr"))
+            addrs = messages.peers_from_wire(msg.get("addrs"))
+            if self.args.role == "reader":
+                # Spread the queues over the peer's worker sockets.
+                self.engine.set_peer(addrs[self.args.queue % len(addrs)] if addrs else None)
+                self.set_framing(msg.get("framing", engine.COMPAT))
+            else:
+                self.engine.set_peer(addrs)
+            log.debug("peer set addrs=%s framing=%s", addrs, msg.get("framing"))
         elif op == messages.SET_LOGLEVEL:
             logsetup.set_level(msg.get("level", "INFO"))
         elif op == messages.STOP:
             self._stop()
+
+    def set_framing(self, framing):
+        """Switch the reader's framing and the device's offloads together.
+
+        The reader changes framing first, so that the kernel hands over
+        super-packets only to a reader that frames them whole; packets
+        already queued in the old shape are dropped and counted.
+        """
+        if framing == self.engine.framing:
+            return
+        self.engine.set_framing(framing)
+        try:
+            flags = linux.set_offload(self.args.tun_fd, framing == engine.OFFLOAD)
+        except OSError as exc:
+            log.warning("offload not enabled, staying compatible errno=%s", exc.errno)
+            self.engine.set_framing(engine.COMPAT)
+            return
+        log.info("framing changed framing=%s offload_flags=%#x", framing, flags)
 
     def _stop(self):
         if not self.stopped.done():

@@ -72,7 +72,7 @@ def test_reader_without_peer_drops_and_counts(rig):
 
 
 def test_writer_puts_peer_ip_packets_into_tun(rig):
-    rig.writer.set_peer(rig.peer.getsockname())
+    rig.writer.set_peer([rig.peer.getsockname()])
     rig.writer.start()
     v4, v6 = ipv4_packet(), ipv6_packet()
     rig.peer.sendto(v4, rig.sock.getsockname())
@@ -86,7 +86,7 @@ def test_writer_puts_peer_ip_packets_into_tun(rig):
 
 def test_writer_drops_ip_packets_from_an_address_that_is_not_the_peer(rig):
     stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rig.writer.set_peer(rig.peer.getsockname())
+    rig.writer.set_peer([rig.peer.getsockname()])
     rig.writer.start()
     stranger.sendto(ipv4_packet(), rig.sock.getsockname())
     rig.spin()
@@ -107,7 +107,7 @@ def test_writer_hands_heartbeats_to_control_with_their_source(rig):
 
 
 def test_writer_drops_malformed_and_empty_datagrams(rig):
-    rig.writer.set_peer(rig.peer.getsockname())
+    rig.writer.set_peer([rig.peer.getsockname()])
     rig.writer.start()
     rig.peer.sendto(b"\xff" * 40, rig.sock.getsockname())
     rig.peer.sendto(b"", rig.sock.getsockname())
