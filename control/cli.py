@@ -36,7 +36,7 @@ def build_parser():
     run.add_argument("--state", help="peer state file (overrides the state directive)")
     run.add_argument("--socket", help="control socket (overrides the socket directive)")
     run.add_argument("--dev", help="TUN device name (overrides the dev directive)")
-    run.add_argument("--loglevel", help="log level (overrides the loglevel directive)")
+    run.add_argument("--loglevel", type=str.upper, choices=cfgmod.LOGLEVELS, help="log level (overrides the loglevel directive)")
     run.add_argument("--offload", choices=("on", "off"), help="carry TCP super-packets whole with a fastfwd peer (overrides the offload directive)")
 
     con = sub.add_parser(
@@ -54,7 +54,7 @@ def build_parser():
     con.add_argument("--workers", default="1", help="worker count, N or auto (default 1)")
     con.add_argument("--no-firewall", action="store_true", help="leave iptables alone (no Docker rules, no connect/disconnect)")
     con.add_argument("--offload", choices=("on", "off"), default="on", help="carry TCP super-packets whole when the host is fastfwd too (default on)")
-    con.add_argument("--loglevel", default=logsetup.env_level(), help="log level (default INFO)")
+    con.add_argument("--loglevel", type=str.upper, choices=cfgmod.LOGLEVELS, default=logsetup.env_level().upper(), help="log level (default INFO)")
 
     cfg = sub.add_parser("config", help="add configuration lines to a running host side")
     cfg.add_argument("lines", nargs="+", metavar="LINE", help='a directive, e.g. "route 172.20.0.0/16"')
@@ -65,7 +65,7 @@ def build_parser():
     st.add_argument("--json", action="store_true", help="print JSON")
 
     chk = sub.add_parser("check", help="validate a configuration file")
-    chk.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    chk.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
     return p
 
 
@@ -92,7 +92,10 @@ def cmd_check(args):
         for line in cfgmod.format_problems(exc.problems):
             print(line, file=sys.stderr)
         return EXIT_CONFIG
-    print(f"{args.config}: ok ({len(cfg.routes)} routes, {len(cfg.pairs)} iptables pairs, {len(cfg.tokens)} tokens)")
+    print(
+        f"{args.config}: ok (routes: {len(cfg.routes)}, connected subnet pairs: "
+        f"{len(cfg.connected_pairs())}, tokens: {len(cfg.tokens)})"
+    )
     return 0
 
 
@@ -130,9 +133,11 @@ def cmd_run(args):
 
 def cmd_connect(args):
     try:
+        if "/" not in args.addr:
+            raise ValueError
         addr = ipaddress.IPv4Interface(args.addr)
     except ValueError:
-        raise ConfigError(f"-addr {args.addr!r} is not an IPv4 address with a prefix") from None
+        raise ConfigError(f"-addr {args.addr!r} is not an IPv4 address with a prefix (e.g. 192.168.251.1/24)") from None
     if not cfgmod.MIN_MTU <= args.mtu <= cfgmod.MAX_MTU:
         raise ConfigError(f"-mtu {args.mtu} is outside {cfgmod.MIN_MTU}..{cfgmod.MAX_MTU}")
     if not 1 <= args.port <= 65535:
@@ -188,9 +193,9 @@ def cmd_status(args):
 
 def format_status(status):
     lines = [f"side {status['side']}  tun {status['tun']}  uptime {status['uptime_s']}s"]
-    for key in ("address", "peer", "peer_silent_s", "host", "heartbeats", "routes", "refused_routes", "pairs", "pending_pairs", "control_pushes"):
+    for key in ("address", "framing", "peer", "peer_silent_s", "host", "heartbeats", "routes", "refused_routes", "pairs", "pending_pairs", "control_pushes"):
         if key in status:
-            lines.append(f"{key:15} {status[key]}")
+            lines.append(f"{key:15} {_plain(status[key])}")
     lines.append(f"{'process':9} {'pid':>7} {'pkts_in':>10} {'pkts_out':>10} {'MB_out':>9} {'drops':>7} {'cpu_s':>7} {'pss_MB':>7} restarts")
     for p in status["processes"]:
         c = p.get("counters", {})
@@ -203,6 +208,16 @@ def format_status(status):
     return "\n".join(lines)
 
 
+def _plain(value):
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} ({v})" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    return str(value)
+
+
 def cmd_config(args):
     reply = _ask(args.socket, {"op": "config", "lines": args.lines})
     if not reply.get("ok"):
@@ -211,7 +226,10 @@ def cmd_config(args):
         print(f"fastfwd: {reply.get('error', 'config failed')}", file=sys.stderr)
         return EXIT_CONFIG if reply.get("code") == "invalid_config" else 1
     print(reply.get("message", "ok"))
-    return 0
+    for warning in reply.get("warnings", []):
+        print(f"fastfwd: {warning}", file=sys.stderr)
+    # Saved but not (yet) in effect: a script must not take it as done.
+    return 1 if reply.get("warnings") else 0
 
 
 COMMANDS = {"run": cmd_run, "connect": cmd_connect, "check": cmd_check, "status": cmd_status, "config": cmd_config}

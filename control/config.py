@@ -114,9 +114,12 @@ def _ipv4(text, what):
 
 def _network(text, what):
     try:
-        return ipaddress.IPv4Network(text, strict=False)
+        net = ipaddress.IPv4Network(text, strict=False)
     except ValueError:
         raise ValueError(f"{what} {text!r} is not an IPv4 network (CIDR)") from None
+    if str(net.network_address) != text.split("/")[0] and "/" in text:
+        raise ValueError(f"{what} {text!r} has host bits set; the network is {net}")
+    return net
 
 
 def _int(text, what, lo, hi):
@@ -145,6 +148,8 @@ def _apply(cfg, directive, args):
     """Apply one directive to ``cfg``; raises ValueError with the reason."""
     if directive == "addr":
         _nargs(args, 1, 1, "addr CIDR")
+        if "/" not in args[0]:
+            raise ValueError(f"addr {args[0]!r} needs a prefix length, e.g. {args[0]}/24")
         try:
             iface = ipaddress.IPv4Interface(args[0])
         except ValueError:
@@ -252,6 +257,7 @@ def parse_text(text, path="<config>", base=None):
     """Parse configuration text; ``base`` is a Config the lines extend."""
     cfg = Config(path=path) if base is None else copy.deepcopy(base)
     problems = []
+    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -273,18 +279,22 @@ def parse_text(text, path="<config>", base=None):
 def parse(path):
     """Read and parse the configuration file at ``path``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as exc:
         raise ConfigError(f"cannot read configuration {path}: {exc.strerror}", [(path, 0, f"cannot read: {exc.strerror}")]) from exc
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text", [(path, 0, "not UTF-8 text")]) from exc
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text", [(path, line, "not UTF-8 text")]) from exc
     return parse_text(text, path)
 
 
 def format_problems(problems):
-    """Problems as ``FILE:LINE: reason`` lines."""
-    return [f"{p}:{n}: {reason}" for p, n, reason in problems]
+    """Problems as ``FILE:LINE: reason`` lines (``FILE: reason`` for the
+    whole file)."""
+    return [f"{p}:{n}: {reason}" if n else f"{p}: {reason}" for p, n, reason in problems]
 
 
 def restart_changes(old, new):

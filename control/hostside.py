@@ -251,16 +251,24 @@ class HostSide(Side):
             new = cfgmod.parse_text(text, "<config>", base=self.cfg)
         except ConfigError as exc:
             return {"ok": False, "code": "invalid_config", "error": "configuration unchanged", "problems": cfgmod.format_problems(exc.problems)}
+        restart = cfgmod.restart_changes(self.cfg, new)
         await self.apply(new, push=any(line.split()[:1] == ["iptables"] for line in lines))
+        warnings = [f"{name} takes effect at the next restart" for name in restart]
+        given = cfgmod.parse_text(text, "<config>").routes
+        for net, reason in self.routes.refused.items():
+            if net in given:
+                warnings.append(f"route {net} refused: {reason}")
         path = self.spec.get("config")
+        message = f"applied {len(lines)} line(s)"
         if path:
             # Appended like the upstream does, so the lines survive a restart.
             try:
                 with open(path, "a", encoding="utf-8") as f:
                     f.write(text + "\n")
+                message += f", saved to {path}"
             except OSError as exc:
-                return {"ok": True, "message": f"applied, but not saved to {path}: {exc.strerror}"}
-        return {"ok": True, "message": f"applied {len(lines)} line(s)"}
+                warnings.append(f"not saved to {path}: {exc.strerror}")
+        return {"ok": True, "message": message, "warnings": warnings}
 
     async def status(self):
         out = await super().status()

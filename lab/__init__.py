@@ -1,6 +1,6 @@
 """A Docker Desktop on one Linux box, built from network namespaces.
 
-Used by the root tests, the demo and the perf harness (DESIGN.md section 6):
+Used by the root tests, the demo and the perf harness (docs/testing.md):
 
     from lab import Lab
 

@@ -51,7 +51,7 @@ def iperf(lab, server_ns, client_ns, target, megabytes, reverse):
             raise RuntimeError(f"iperf3: {data['error']}")
         end = data["end"]
         return {
-            "bytes": int(end["sum_received"]["bytes"]),
+            "bytes": int(end["sum_sent"]["bytes"]),
             "seconds": round(end["sum_received"]["seconds"], 2),
             "gbit_s": round(end["sum_received"]["bits_per_second"] / 1e9, 3),
             "retransmits": end.get("sum_sent", {}).get("retransmits"),
@@ -80,15 +80,17 @@ def run_demo(megabytes, out):
 
             up = iperf(lab, c1.ns, lab.host_ns, c1.ip, megabytes, reverse=False)
             results["tcp_host_to_container"] = up
-            say(out, f"TCP host -> {c1.ip}: {up['bytes'] / 1e6:.0f} MB in {up['seconds']} s = {up['gbit_s']} Gbit/s")
+            say(out, f"TCP host -> {c1.ip}: {up['bytes'] / 2**20:.0f} MiB in {up['seconds']} s = {up['gbit_s']} Gbit/s")
             down = iperf(lab, c1.ns, lab.host_ns, c1.ip, megabytes, reverse=True)
             results["tcp_container_to_host"] = down
-            say(out, f"TCP {c1.ip} -> host: {down['bytes'] / 1e6:.0f} MB in {down['seconds']} s = {down['gbit_s']} Gbit/s")
+            say(out, f"TCP {c1.ip} -> host: {down['bytes'] / 2**20:.0f} MiB in {down['seconds']} s = {down['gbit_s']} Gbit/s")
 
             status = tunnel.status("host")
             results["host_processes"] = status["processes"]
             say(out, "host side processes:")
             for proc in status["processes"]:
+                if proc["name"] == "control":
+                    continue  # it forwards nothing
                 c = proc.get("counters", {})
                 say(out, f"  {proc['name']:8} pid {proc['pid']:>7}  pkts in {c.get('pkts_in', 0):>9}  out {c.get('pkts_out', 0):>9}  cpu {proc.get('cpu_s')} s")
         except BaseException:
@@ -106,7 +108,7 @@ def say(out, line):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--megabytes", type=int, default=200, help="data moved each way (default 200)")
+    p.add_argument("--megabytes", type=int, default=200, help="MiB moved each way (default 200)")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     results = run_demo(args.megabytes, sys.stdout)

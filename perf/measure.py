@@ -1,0 +1,122 @@
+"""Single measurements in the lab: iperf3 TCP and UDP, ping RTT, and the
+CPU and memory the path's processes use meanwhile."""
+
+import json
+import re
+import statistics
+import subprocess
+import time
+
+import psutil
+
+IPERF_PORT = 5201
+
+
+def _iperf(lab, server_ns, client_ns, argv, timeout_s):
+    server = lab.popen(server_ns, "iperf3", "-s", "-1", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            res = lab.run(client_ns, "iperf3", "-p", str(IPERF_PORT), "-J", "--connect-timeout", "2000", *argv, check=False, timeout=timeout_s)
+            data = json.loads(res.stdout) if res.stdout.strip() else {"error": res.stderr.strip()}
+            # iperf3 -J may exit 0 and report the failure in the JSON only.
+            if "Connection refused" not in str(data.get("error", "")):
+                break
+            time.sleep(0.05)
+        if "error" in data:
+            raise RuntimeError(f"iperf3 {' '.join(argv)}: {data['error']}")
+        return data
+    finally:
+        lab.stop(server)
+
+
+def tcp(lab, target_ns, target_ip, seconds, streams=1, reverse=False):
+    """Throughput in Gbit/s of an iperf3 TCP run host -> container (or back)."""
+    argv = ["-c", str(target_ip), "-t", str(seconds), "-P", str(streams)]
+    if reverse:
+        argv.append("-R")
+    data = _iperf(lab, target_ns, lab.host_ns, argv, seconds + 30)
+    end = data["end"]
+    return {
+        "gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
+        "retransmits": end.get("sum_sent", {}).get("retransmits"),
+    }
+
+
+def udp(lab, target_ns, target_ip, seconds, length=1200):
+    """Packet rate that arrives, and the loss, of an unlimited UDP stream."""
+    argv = ["-c", str(target_ip), "-u", "-b", "0", "-l", str(length), "-t", str(seconds)]
+    data = _iperf(lab, target_ns, lab.host_ns, argv, seconds + 30)
+    s = data["end"]["sum"]
+    received = s["packets"] - s["lost_packets"]
+    return {
+        "rx_kpps": received / s["seconds"] / 1e3,
+        "loss_pct": s["lost_percent"],
+        "gbit_s": received * length * 8 / s["seconds"] / 1e9,
+    }
+
+
+def ping(lab, target_ip, count=100, interval_s=0.01):
+    """RTT percentiles (ms) of ``count`` echoes from the host namespace."""
+    res = lab.run(lab.host_ns, "ping", "-c", str(count), "-i", str(interval_s), "-W", "1", str(target_ip), check=False, timeout=count * interval_s + 30)
+    rtts = sorted(float(m) for m in re.findall(r"time=([\d.]+) ms", res.stdout))
+    if not rtts:
+        return {"p50_ms": None, "p99_ms": None, "loss_pct": 100.0}
+    return {
+        "p50_ms": statistics.median(rtts),
+        "p99_ms": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))],
+        "loss_pct": 100.0 * (count - len(rtts)) / count,
+    }
+
+
+def ping_under_load(lab, target_ns, target_ip, seconds):
+    """RTT while one TCP stream fills the path host -> container."""
+    server = lab.popen(target_ns, "iperf3", "-s", "-1", "-p", str(IPERF_PORT + 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.3)
+    client = lab.popen(lab.host_ns, "iperf3", "-c", str(target_ip), "-p", str(IPERF_PORT + 1), "-t", str(seconds + 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        return ping(lab, target_ip, count=int(seconds / 0.02), interval_s=0.02)
+    finally:
+        lab.stop(client)
+        lab.stop(server)
+
+
+class Usage:
+    """CPU (percent of one core) and memory of a set of processes over a span."""
+
+    def __init__(self, pids_by_side):
+        self.procs = {}
+        for side, pids in pids_by_side.items():
+            for pid in pids:
+                try:
+                    p = psutil.Process(pid)
+                    self.procs.setdefault(side, []).append((p, _cpu(p)))
+                except psutil.Error:
+                    pass
+        self.started = time.monotonic()
+
+    def finish(self):
+        elapsed = time.monotonic() - self.started
+        out = {}
+        for side, entries in self.procs.items():
+            cpu = pss = 0.0
+            for p, before in entries:
+                try:
+                    cpu += _cpu(p) - before
+                    pss += _pss(p)
+                except psutil.Error:
+                    pass
+            out[side] = {"cpu_pct": 100.0 * cpu / elapsed, "pss_mb": pss / 1e6}
+        return out
+
+
+def _cpu(p):
+    t = p.cpu_times()
+    return t.user + t.system
+
+
+def _pss(p):
+    try:
+        return p.memory_full_info().pss
+    except (psutil.AccessDenied, AttributeError):
+        return p.memory_info().rss

@@ -1,0 +1,193 @@
+"""The paths a measurement runs through, each set up in one lab and torn
+down again: the direct kernel path, fastfwd in its modes, and the
+reference tunnels (OpenVPN in cleartext point-to-point mode, socat).
+
+Every path routes the lab's bridge subnets from the host namespace to the
+vm namespace and lets that traffic through Docker's firewall there, so the
+iperf3 runs are the same for all of them. ``host_addr`` is where a
+container reaches the host through the path.
+"""
+
+import os
+import subprocess
+import time
+
+from lab.tunnel import Tunnel
+
+OVPN_HOST_IP, OVPN_VM_IP = "192.168.252.1", "192.168.252.2"
+SOCAT_HOST_IP, SOCAT_VM_IP = "192.168.253.1", "192.168.253.2"
+TUNNEL_MTU = 1400
+
+
+class Path:
+    name = "?"
+    kind = "?"
+    host_addr = None
+
+    def start(self, lab, workdir):
+        raise NotImplementedError
+
+    def stop(self, lab):
+        raise NotImplementedError
+
+    def pids(self):
+        """``{"host": [pid, ...], "vm": [...]}`` of the processes doing the work."""
+        return {}
+
+
+def _accept_device(lab, dev, add=True):
+    """Let traffic of ``dev`` through Docker's firewall in the vm namespace."""
+    op = "-I" if add else "-D"
+    rules = [
+        ("raw", "PREROUTING", ["-i", dev, "-j", "ACCEPT"]),
+        ("filter", "DOCKER-USER", ["-i", dev, "-j", "ACCEPT"]),
+        ("filter", "DOCKER-USER", ["-o", dev, "-j", "ACCEPT"]),
+    ]
+    for table, chain, rule in rules:
+        lab.run(lab.vm_ns, "iptables", "-w", "5", "-t", table, op, chain, *rule, check=add)
+
+
+def _routes(lab, dev=None, via=None, add=True):
+    for bridge in lab.bridges:
+        target = ["dev", dev] if dev else ["via", str(via)]
+        lab.run(lab.host_ns, "ip", "route", "add" if add else "del", str(bridge.subnet), *target, check=add)
+
+
+class Direct(Path):
+    """No tunnel: the host routes the bridges via the veth, the kernel forwards."""
+
+    name, kind = "direct", "direct"
+
+    def start(self, lab, workdir):
+        self.host_addr = str(lab.host_ip)
+        _routes(lab, via=lab.vm_ip)
+        _accept_device(lab, lab.vm_if)
+
+    def stop(self, lab):
+        _routes(lab, via=lab.vm_ip, add=False)
+        _accept_device(lab, lab.vm_if, add=False)
+
+
+class Fastfwd(Path):
+    kind = "fastfwd"
+
+    def __init__(self, offload, workers):
+        self.offload = offload
+        self.workers = workers
+        self.name = f"fastfwd-{'offload' if offload else 'compat'}-w{workers}"
+        self.host_addr = "192.168.251.2"
+        self.tunnel = None
+
+    def start(self, lab, workdir):
+        flag = ["--offload", "on" if self.offload else "off"]
+        self.tunnel = Tunnel(lab, os.path.join(workdir, self.name), mtu=TUNNEL_MTU,
+                             workers=self.workers, vm_args=flag, host_args=flag)  # fmt: skip
+        self.tunnel.start()
+        want = "offload" if self.offload else "compat"
+        deadline = time.monotonic() + 15
+        while self.tunnel.status("host").get("framing") != want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self.tunnel.status("vm").get("framing") != want:
+            raise RuntimeError(f"{self.name}: framing did not become {want}")
+
+    def stop(self, lab):
+        self.tunnel.stop()
+
+    def pids(self):
+        out = {}
+        for side in ("host", "vm"):
+            out[side] = [p["pid"] for p in self.tunnel.status(side)["processes"]]
+        return out
+
+
+class OpenVPN(Path):
+    """OpenVPN 2.6 point-to-point without keys: cleartext, one packet per datagram."""
+
+    name, kind = "openvpn", "reference"
+    host_addr = OVPN_HOST_IP
+
+    def start(self, lab, workdir):
+        self.procs = {}
+        for side, ns, local, remote, ip, peer in (
+            ("host", lab.host_ns, lab.host_ip, lab.vm_ip, OVPN_HOST_IP, OVPN_VM_IP),
+            ("vm", lab.vm_ns, lab.vm_ip, lab.host_ip, OVPN_VM_IP, OVPN_HOST_IP),
+        ):
+            log = open(os.path.join(workdir, f"openvpn-{side}.log"), "wb")
+            self.procs[side] = lab.popen(
+                ns, "openvpn", "--dev", "ovpn0", "--dev-type", "tun", "--proto", "udp",
+                "--local", str(local), "--lport", "1194", "--remote", str(remote), "--rport", "1194",
+                "--ifconfig", ip, peer, "--tun-mtu", str(TUNNEL_MTU), "--verb", "1",
+                "--sndbuf", "4194304", "--rcvbuf", "4194304",
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            log.close()
+        _wait_link(lab, lab.host_ns, "ovpn0")
+        _wait_link(lab, lab.vm_ns, "ovpn0")
+        _routes(lab, dev="ovpn0")
+        _accept_device(lab, "ovpn0")
+        _wait_ping(lab, OVPN_VM_IP)
+
+    def stop(self, lab):
+        _accept_device(lab, "ovpn0", add=False)
+        for proc in self.procs.values():
+            lab.stop(proc)
+
+    def pids(self):
+        return {side: [p.pid] for side, p in self.procs.items()}
+
+
+class Socat(Path):
+    """socat copying between a TUN device and a UDP socket, one packet per datagram."""
+
+    name, kind = "socat", "reference"
+    host_addr = SOCAT_HOST_IP
+
+    def start(self, lab, workdir):
+        self.procs = {}
+        for side, ns, local, remote, ip in (
+            ("host", lab.host_ns, lab.host_ip, lab.vm_ip, SOCAT_HOST_IP),
+            ("vm", lab.vm_ns, lab.vm_ip, lab.host_ip, SOCAT_VM_IP),
+        ):
+            self.procs[side] = lab.popen(
+                ns, "socat", "-b", "65536",
+                f"TUN:{ip}/24,tun-type=tun,iff-no-pi,iff-up,tun-name=sct0",
+                f"UDP-DATAGRAM:{remote}:7000,bind={local}:7000",
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        for ns in (lab.host_ns, lab.vm_ns):
+            _wait_link(lab, ns, "sct0")
+            lab.run(ns, "ip", "link", "set", "sct0", "mtu", str(TUNNEL_MTU))
+        _routes(lab, dev="sct0")
+        _accept_device(lab, "sct0")
+        _wait_ping(lab, SOCAT_VM_IP)
+
+    def stop(self, lab):
+        _accept_device(lab, "sct0", add=False)
+        for proc in self.procs.values():
+            lab.stop(proc)
+
+    def pids(self):
+        return {side: [p.pid] for side, p in self.procs.items()}
+
+
+def _wait_link(lab, ns, dev, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if lab.run(ns, "ip", "link", "show", dev, check=False).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{dev} did not appear in {ns}")
+
+
+def _wait_ping(lab, ip, timeout_s=15.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if lab.run(lab.host_ns, "ping", "-c1", "-W1", ip, check=False).returncode == 0:
+            return
+    raise RuntimeError(f"{ip} does not answer through the path")
+
+
+def all_paths(max_workers):
+    paths = [Direct(), OpenVPN(), Socat(), Fastfwd(False, 1), Fastfwd(True, 1)]
+    paths += [Fastfwd(True, w) for w in range(2, max_workers + 1)]
+    return paths
