@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import os
+import shutil
 import sys
 
 from control import config as cfgmod
@@ -63,6 +64,17 @@ def build_parser():
     st = sub.add_parser("status", help="packets, drops, CPU and memory of a running instance")
     st.add_argument("--socket", help=f"control socket (default {cfgmod.DEFAULT_SOCKET}, then {VM_SOCKET})")
     st.add_argument("--json", action="store_true", help="print JSON")
+
+    tune = sub.add_parser(
+        "tune",
+        help="probe modes and worker counts in a lab on this machine, recommend settings",
+        description="Builds a lab of network namespaces (as root; needs iperf3), runs short "
+        "iperf3 probes through fastfwd in each mode and worker count, and recommends the "
+        "workers and offload directives; --write appends them to a configuration file.",
+    )
+    tune.add_argument("--seconds", type=int, default=3, help="length of each probe (default 3)")
+    tune.add_argument("--max-workers", type=int, help="largest worker count to try (default: usable CPUs)")
+    tune.add_argument("--write", metavar="CONF", help="append the recommendation to this configuration file")
 
     chk = sub.add_parser("check", help="validate a configuration file")
     chk.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
@@ -232,7 +244,23 @@ def cmd_config(args):
     return 1 if reply.get("warnings") else 0
 
 
-COMMANDS = {"run": cmd_run, "connect": cmd_connect, "check": cmd_check, "status": cmd_status, "config": cmd_config}
+def cmd_tune(args):
+    if shutil.which("iperf3") is None:
+        raise FastfwdError("tune needs iperf3 (apt-get install iperf3)")
+    if os.geteuid() != 0:
+        raise FastfwdError("tune builds network namespaces: run it as root")
+    if args.write:
+        cfgmod.parse(args.write)  # refuse to append to a file that is already invalid
+    from perf import tune
+
+    tune.run(args.seconds, args.max_workers, args.write, sys.stdout)
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run, "connect": cmd_connect, "check": cmd_check,
+    "status": cmd_status, "config": cmd_config, "tune": cmd_tune,
+}  # fmt: skip
 
 
 def main(argv=None):

@@ -93,6 +93,7 @@ class Side:
             name = f"{msg['role']}{msg['queue']}"
             self.pids[name] = msg["pid"]
             self.starts[name] = self.starts.get(name, 0) + 1
+            log.debug("worker started name=%s pid=%d", name, msg["pid"])
             self.on_worker_started(msg["role"], msg["queue"])
         elif op == messages.SHUTDOWN:
             self.stop()

@@ -85,10 +85,12 @@ class Fastfwd(Path):
         self.tunnel.start()
         want = "offload" if self.offload else "compat"
         deadline = time.monotonic() + 15
-        while self.tunnel.status("host").get("framing") != want and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            framings = {self.tunnel.status(side).get("framing") for side in ("host", "vm")}
+            if framings == {want}:
+                return
             time.sleep(0.1)
-        if self.tunnel.status("vm").get("framing") != want:
-            raise RuntimeError(f"{self.name}: framing did not become {want}")
+        raise RuntimeError(f"{self.name}: framing is {framings}, not {want}\n{self.tunnel.logs()}")
 
     def stop(self, lab):
         self.tunnel.stop()
