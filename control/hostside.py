@@ -282,5 +282,6 @@ class HostSide(Side):
             control_pushes=self.pushes,
             address=f"{self.cfg.host_ip}/{self.cfg.addr.network.prefixlen}",
             framing=self.framing,
+            peer_mtu=self.peer_hello[2] if self.peer_hello else None,
         )
         return out
