@@ -11,7 +11,7 @@ import logging
 import time
 
 from control import config as cfgmod
-from control import messages
+from control import messages, watch
 from control.peer import HELLO_LEASE_S, PeerTracker
 from control.process import Side
 from control.routes import Netlink, RouteTable
@@ -36,6 +36,7 @@ class HostSide(Side):
         self.peer = PeerTracker(self.cfg.state)
         self.nl = None
         self.routes = None
+        self.watch_task = None
         self._next_route_check = 0.0
         self.pushes = 0
         self.udp_config_ignored = 0
@@ -58,8 +59,12 @@ class HostSide(Side):
         )  # fmt: skip
         if self.peer.load(time.monotonic()) is not None:
             self.on_peer_changed()
+        if self.spec.get("config"):
+            self.watch_task = self.loop.create_task(watch.run_watch(self.spec["config"], self.reload))
 
     async def teardown(self):
+        if self.watch_task is not None:
+            self.watch_task.cancel()
         if self.routes is not None:
             await self.nl.run(self.routes.remove_all)
         self.peer.save()
@@ -207,13 +212,17 @@ class HostSide(Side):
         self.loop.create_task(self.reload())
 
     async def reload(self):
+        """Read the configuration file again and apply what changed.
+
+        All or nothing: with any bad line the running configuration stays.
+        """
         if not self.spec.get("config"):
             return
         try:
             new = cfgmod.parse(self.spec["config"])
         except ConfigError as exc:
             for line in cfgmod.format_problems(exc.problems):
-                log.error("configuration rejected %s", line)
+                log.error("configuration rejected, running configuration kept %s", line)
             return
         for key, value in self.overrides.items():
             setattr(new, key, value)
