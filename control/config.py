@@ -57,7 +57,11 @@ class HostsSource:
 
 @dataclass(frozen=True)
 class Proxy:
-    ip: str | None  # None: the host's tunnel IP
+    """``proxy [IP:]PORT[:LISTEN]``: connections to the host's tunnel IP on
+    port LISTEN (default PORT) are relayed to IP:PORT on the host (IP
+    defaults to 127.0.0.1, a service bound to the host's loopback)."""
+
+    ip: str | None  # None: 127.0.0.1
     port: int
     listen: int
 
