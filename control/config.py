@@ -89,6 +89,7 @@ class Config:
     dev: str = DEFAULT_DEV
     udp_config: bool = False
     offload: bool = True
+    docker_routes: bool = False
     lines: dict = field(default_factory=dict)  # directive -> last line number
 
     @property
@@ -235,7 +236,7 @@ def _apply(cfg, directive, args):
         if level not in LOGLEVELS:
             raise ValueError(f"loglevel {args[0]!r}: expected one of {', '.join(LOGLEVELS)}")
         cfg.loglevel = level
-    elif directive in ("pong", "udp-config", "offload"):
+    elif directive in ("pong", "udp-config", "offload", "docker-routes"):
         _nargs(args, 1, 1, f"{directive} on|off")
         if args[0] not in ("on", "off"):
             raise ValueError(f"{directive} {args[0]!r}: expected on or off")

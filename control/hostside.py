@@ -7,6 +7,7 @@ pushes the ``iptables`` pairs to each new peer as the upstream's control
 message. SIGHUP reloads the configuration file atomically.
 """
 
+import ipaddress
 import logging
 import time
 
@@ -45,13 +46,15 @@ class HostSide(Side):
         self.peer_hello_at = 0.0
         self.framing = "compat"
         self.mtu_warned = None
+        self.gone_pairs = set()  # pairs connected earlier in this run, now not
+        self.docker_networks = set()  # bridge networks the VM side reported
 
     async def setup(self):
         self.nl = Netlink()
         prefixlen = self.cfg.addr.network.prefixlen
         await self.nl.run(self.nl.configure_tun, self.tun_name, self.cfg.host_ip, prefixlen, self.cfg.mtu)
         self.routes = await self.nl.run(RouteTable, self.nl, self.tun_name)
-        added, _ = await self.nl.run(self.routes.reconcile, list(self.cfg.routes.values()))
+        added, _ = await self.reconcile_routes()
         log.info(
             "tunnel up dev=%s addr=%s/%d mtu=%d listen=%s:%d routes=%d",
             self.tun_name, self.cfg.host_ip, self.cfg.addr.network.prefixlen,
@@ -108,37 +111,47 @@ class HostSide(Side):
     def on_peer_changed(self):
         # A new peer speaks the upstream format until its hello says more.
         self.peer_hello = None
+        if self.docker_networks:
+            self.docker_networks = set()
+            self.loop.create_task(self.reconcile_routes())
         self.send_peer()
         self.push_controls()
 
     def on_hello(self, src, hello, now):
         """A fastfwd VM side announced itself: answer, and use what it can do."""
-        version, caps, mtu, ports = hello
         our_caps = frames.CAP_OFFLOAD if self.vnet_hdr and self.cfg.offload else 0
         try:
-            self.socks[0].sendto(frames.encode_hello(our_caps, self.cfg.mtu), src)
+            self.socks[0].sendto(frames.encode_hello(frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)), src)
         except OSError as exc:
             log.debug("hello reply failed errno=%s", exc.errno)
-        if mtu != self.cfg.mtu and self.mtu_warned != (src, mtu):
-            self.mtu_warned = (src, mtu)
-            log.warning("mtu mismatch peer=%s:%d peer_mtu=%d our_mtu=%d: set the same -mtu on both sides", src[0], src[1], mtu, self.cfg.mtu)
-        changed = self.peer_hello != hello
+        if hello.mtu != self.cfg.mtu and self.mtu_warned != (src, hello.mtu):
+            self.mtu_warned = (src, hello.mtu)
+            log.warning("mtu mismatch peer=%s:%d peer_mtu=%d our_mtu=%d: set the same -mtu on both sides", src[0], src[1], hello.mtu, self.cfg.mtu)
+        old = self.peer_hello
         self.peer_hello, self.peer_hello_at = hello, now
-        if changed:
-            log.info("peer is fastfwd version=%d caps=%#x ports=%d", version, caps, len(ports))
+        if old is None or (old.caps, old.ports) != (hello.caps, hello.ports):
+            log.info("peer is fastfwd version=%d caps=%#x ports=%d", hello.version, hello.caps, len(hello.ports))
             self.send_peer()
+        if hello.caps & frames.CAP_RESET_PAIRS and hello.pairs_digest != self.pairs_digest():
+            # The VM side's pairs differ from ours (a lost datagram, a
+            # restart): send the whole set again.
+            self.push_controls()
+        if old is None or old.networks != hello.networks:
+            self.docker_networks = set(hello.networks) if hello.caps & frames.CAP_NETWORKS else set()
+            if self.cfg.docker_routes:
+                self.loop.create_task(self.reconcile_routes())
 
     def wanted_framing(self):
         if self.peer_hello is None or not (self.vnet_hdr and self.cfg.offload):
             return "compat"
-        return "offload" if self.peer_hello[1] & frames.CAP_OFFLOAD else "compat"
+        return "offload" if self.peer_hello.caps & frames.CAP_OFFLOAD else "compat"
 
     def send_peer(self):
         """Tell every worker where the peer is and how to frame for it."""
         peer = self.peer.peer
         if peer is None:
             return
-        ports = self.peer_hello[3] if self.peer_hello else ()
+        ports = self.peer_hello.ports if self.peer_hello else ()
         addrs = [(peer[0], p) for p in ports] or [peer]
         if peer not in addrs:
             addrs.insert(0, peer)
@@ -161,19 +174,46 @@ class HostSide(Side):
             log.info("peer stopped saying hello, back to the upstream format")
             self.peer_hello = None
             self.send_peer()
+            if self.docker_networks:
+                self.docker_networks = set()
+                await self.reconcile_routes()
         if now >= self._next_route_check:
             self._next_route_check = now + ROUTE_CHECK_S
-            added, _ = await self.nl.run(self.routes.reconcile, list(self.cfg.routes.values()))
+            added, _ = await self.reconcile_routes()
             if added:
                 log.warning("routes restored dev=%s count=%d", self.tun_name, len(added))
+
+    def wanted_routes(self):
+        """``route`` lines, plus the VM side's bridge networks with
+        ``docker-routes on``."""
+        routes = dict(self.cfg.routes)
+        if self.cfg.docker_routes:
+            for text in self.docker_networks:
+                net = ipaddress.IPv4Network(text)
+                routes.setdefault(net, cfgmod.Route(net))
+        return list(routes.values())
+
+    async def reconcile_routes(self):
+        return await self.nl.run(self.routes.reconcile, self.wanted_routes())
 
     # control pushes
 
     def commands(self):
-        """The control commands that describe the wanted VM-side state."""
-        out = [("connect", a, b) for a, b in self.cfg.connected_pairs()]
-        out += [("disconnect", a, b) for a, b in self.cfg.disconnected_pairs()]
-        return out
+        """The control commands that describe the wanted VM-side state.
+
+        A fastfwd VM side gets the complete set after ``reset-pairs``, so a
+        pair dropped from the file disappears there too; an upstream one
+        gets the upstream's incremental commands, with a ``disconnect`` for
+        every pair an ``A-B`` line or a removed line took away.
+        """
+        connected = [("connect", a, b) for a, b in self.cfg.connected_pairs()]
+        if self.peer_hello is not None and self.peer_hello.caps & frames.CAP_RESET_PAIRS:
+            return [("reset-pairs",), *connected]
+        gone = {tuple(sorted(p)) for p in self.cfg.disconnected_pairs()} | self.gone_pairs
+        return connected + [("disconnect", a, b) for a, b in sorted(gone)]
+
+    def pairs_digest(self):
+        return frames.pairs_digest(self.cfg.connected_pairs())
 
     def push_controls(self, commands=None):
         """Send ``commands`` (default: all) to the peer as one control body."""
@@ -241,10 +281,13 @@ class HostSide(Side):
             log.warning("restart needed directive=%s running=%s file=%s", name, getattr(old, name), getattr(new, name))
             setattr(new, name, getattr(old, name))
         self.cfg = new
-        added, removed = await self.nl.run(self.routes.reconcile, list(new.routes.values()))
+        added, removed = await self.reconcile_routes()
         if old.loglevel != new.loglevel:
             logsetup.set_level(new.loglevel)
             self.to_workers(messages.pack(messages.SET_LOGLEVEL, level=new.loglevel))
+        old_on = {tuple(sorted(p)) for p in old.connected_pairs()}
+        new_on = {tuple(sorted(p)) for p in new.connected_pairs()}
+        self.gone_pairs = (self.gone_pairs | (old_on - new_on)) - new_on
         if push or old.pairs != new.pairs:
             self.push_controls()
         log.info("configuration changed routes_added=%d routes_removed=%d", len(added), len(removed))
@@ -291,6 +334,7 @@ class HostSide(Side):
             control_pushes=self.pushes,
             address=f"{self.cfg.host_ip}/{self.cfg.addr.network.prefixlen}",
             framing=self.framing,
-            peer_mtu=self.peer_hello[2] if self.peer_hello else None,
+            peer_mtu=self.peer_hello.mtu if self.peer_hello else None,
+            docker_networks=sorted(self.docker_networks),
         )
         return out

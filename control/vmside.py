@@ -28,6 +28,7 @@ RESOLVE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 # may have changed, e.g. a new VM network); the tunnel is kept meanwhile.
 SILENT_HOST_S = 30.0
 PAIR_RETRY_S = 5.0
+NETWORK_SCAN_S = 2.0
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 
@@ -47,6 +48,8 @@ class VmSide(Side):
         self.last_hello = 0.0
         self.framing = "compat"
         self.mtu_warned = None
+        self.networks = set()  # bridge networks, reported to a fastfwd host
+        self._next_network_scan = 0.0
         self.nl = None
         self.ipt = None
         self.forward_chain = None
@@ -169,11 +172,19 @@ class VmSide(Side):
         self.send_hello(now)
 
     def send_hello(self, now):
-        """Tell a fastfwd host what we can do; an upstream host ignores it."""
-        caps = frames.CAP_OFFLOAD if self.vnet_hdr else 0
-        ports = [sock.getsockname()[1] for sock in self.socks]
+        """Tell a fastfwd host what we can do and what we hold; an upstream
+        host ignores it."""
+        caps = frames.CAP_RESET_PAIRS | frames.CAP_NETWORKS
+        if self.vnet_hdr:
+            caps |= frames.CAP_OFFLOAD
+        hello = frames.Hello(
+            frames.HELLO_VERSION, caps, self.mtu,
+            ports=tuple(sock.getsockname()[1] for sock in self.socks),
+            pairs_digest=frames.pairs_digest(self.pairs),
+            networks=tuple(sorted(self.networks)),
+        )  # fmt: skip
         try:
-            self.socks[0].send(frames.encode_hello(caps, self.mtu, ports))
+            self.socks[0].send(frames.encode_hello(hello))
         except OSError as exc:
             log.debug("hello failed errno=%s", exc.errno)
         self.last_hello = now
@@ -186,17 +197,17 @@ class VmSide(Side):
         if hello is None:
             return
         now = time.monotonic()
-        if hello[2] != self.mtu and self.mtu_warned != hello[2]:
-            self.mtu_warned = hello[2]
-            log.warning("mtu mismatch host_mtu=%d our_mtu=%d: set the same mtu on both sides", hello[2], self.mtu)
+        if hello.mtu != self.mtu and self.mtu_warned != hello.mtu:
+            self.mtu_warned = hello.mtu
+            log.warning("mtu mismatch host_mtu=%d our_mtu=%d: set the same mtu on both sides", hello.mtu, self.mtu)
         changed = self.host_hello != hello
         self.host_hello, self.host_hello_at = hello, now
         if changed:
-            log.info("host is fastfwd version=%d caps=%#x", hello[0], hello[1])
+            log.info("host is fastfwd version=%d caps=%#x", hello.version, hello.caps)
             self.send_framing()
 
     def send_framing(self):
-        offload = self.vnet_hdr and self.host_hello is not None and self.host_hello[1] & frames.CAP_OFFLOAD
+        offload = self.vnet_hdr and self.host_hello is not None and self.host_hello.caps & frames.CAP_OFFLOAD
         framing = "offload" if offload else "compat"
         if framing != self.framing:
             log.info("framing changed framing=%s", framing)
@@ -225,6 +236,14 @@ class VmSide(Side):
             log.info("host stopped answering hello, back to the upstream format")
             self.host_hello = None
             self.send_framing()
+        if now >= self._next_network_scan:
+            self._next_network_scan = now + NETWORK_SCAN_S
+            networks = await self.nl.run(self.bridge_networks)
+            if networks != self.networks:
+                log.info("bridge networks changed networks=%s", ",".join(sorted(networks)) or "none")
+                self.networks = networks
+                if self.host_addr is not None:
+                    self.send_hello(now)
         if now >= self._next_pair_retry and self.pairs - self.applied.keys():
             self._next_pair_retry = now + PAIR_RETRY_S
             await self.nl.run(self.reconcile_pairs, frozenset(self.pairs))
@@ -236,7 +255,10 @@ class VmSide(Side):
         log.debug("control body commands=%d bytes=%d", len(commands), len(body))
         for fields in commands:
             verb, args = fields[0], fields[1:]
-            if verb in ("connect", "disconnect") and len(args) == 2:
+            if verb == "reset-pairs" and not args:
+                # fastfwd's host: the connect commands that follow are all.
+                self.pairs.clear()
+            elif verb in ("connect", "disconnect") and len(args) == 2:
                 try:
                     pair = tuple(sorted(str(ipaddress.IPv4Address(a)) for a in args))
                 except ValueError:
@@ -249,6 +271,17 @@ class VmSide(Side):
             else:
                 log.warning("control command not supported command=%s", verb)
         self.loop.create_task(self.nl.run(self.reconcile_pairs, frozenset(self.pairs)))
+
+    def bridge_networks(self):
+        """IPv4 networks on the Linux bridges here: the docker networks
+        (netlink thread only)."""
+        links = self.nl.ipr.get_links()
+        bridges = {link["index"] for link in links if link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "bridge"}
+        out = set()
+        for msg in self.nl.ipr.get_addr(family=socket.AF_INET):
+            if msg["index"] in bridges:
+                out.add(str(ipaddress.IPv4Interface(f"{msg.get('address')}/{msg['prefixlen']}").network))
+        return out
 
     def bridge_of(self, subnet_address):
         """``(ifname, network)`` of the interface holding ``subnet_address``."""
@@ -309,6 +342,7 @@ class VmSide(Side):
             heartbeats=self.heartbeats,
             pairs=sorted(" ".join(p) for p in self.applied),
             pending_pairs=sorted(" ".join(p) for p in self.pairs - self.applied.keys()),
+            networks=sorted(self.networks),
             address=str(self.addr),
         )
         return out

@@ -21,7 +21,10 @@ exchange (docs/protocol.md):
   to 64 KiB that may still need segmentation (a TCP super-packet).
 """
 
+import ipaddress
 import struct
+import zlib
+from typing import NamedTuple
 
 HEARTBEAT = 0x00
 CONTROL = 0x01
@@ -32,7 +35,20 @@ OFFLOAD = 0x10
 HELLO_MAGIC = b"FFWD"
 HELLO_VERSION = 1
 CAP_OFFLOAD = 0x0001  # the sender accepts OFFLOAD frames
-_HELLO = struct.Struct("!B4sBHHB")
+CAP_RESET_PAIRS = 0x0002  # the VM side takes a "reset-pairs" command
+CAP_NETWORKS = 0x0004  # the VM side reports its bridge networks
+MAX_HELLO_NETWORKS = 200
+_HELLO = struct.Struct("!B4sBHHIBB")
+_NET = struct.Struct("!4sB")
+
+
+class Hello(NamedTuple):
+    version: int
+    caps: int
+    mtu: int
+    ports: tuple = ()  # the sender's worker UDP ports
+    pairs_digest: int = 0  # VM side: digest of the subnet pairs it was told to connect
+    networks: tuple = ()  # VM side: its bridge networks, as "a.b.c.d/n" strings
 
 HEARTBEAT_FRAME = b"\x00"
 CONTROL_HEADER_BYTES = 3
@@ -120,21 +136,42 @@ def decode_commands(body):
     return [c.split() for c in text.split(",") if c.strip()]
 
 
-def encode_hello(caps, mtu, ports=()):
-    """A hello frame announcing ``caps``, our ``mtu`` and worker ``ports``."""
-    ports = list(ports)[:255]
-    return _HELLO.pack(HELLO, HELLO_MAGIC, HELLO_VERSION, caps, mtu, len(ports)) + struct.pack(
-        f"!{len(ports)}H", *ports
-    )
+def encode_hello(hello):
+    """The hello frame for a :class:`Hello` (ports and networks truncated to fit)."""
+    ports = list(hello.ports)[:255]
+    nets = [ipaddress.IPv4Network(n) for n in list(hello.networks)[:MAX_HELLO_NETWORKS]]
+    head = _HELLO.pack(
+        HELLO, HELLO_MAGIC, HELLO_VERSION, hello.caps, hello.mtu,
+        hello.pairs_digest & 0xFFFFFFFF, len(ports), len(nets),
+    )  # fmt: skip
+    body = struct.pack(f"!{len(ports)}H", *ports)
+    body += b"".join(_NET.pack(n.network_address.packed, n.prefixlen) for n in nets)
+    return head + body
 
 
 def decode_hello(data):
-    """``(version, caps, mtu, ports)`` of a hello frame, or None if malformed."""
+    """The :class:`Hello` in a frame, or None if the frame is malformed."""
     data = bytes(data)
     if len(data) < _HELLO.size:
         return None
-    kind, magic, version, caps, mtu, count = _HELLO.unpack_from(data)
-    if kind != HELLO or magic != HELLO_MAGIC or len(data) != _HELLO.size + 2 * count:
+    kind, magic, version, caps, mtu, digest, nports, nnets = _HELLO.unpack_from(data)
+    if kind != HELLO or magic != HELLO_MAGIC:
         return None
-    ports = struct.unpack_from(f"!{count}H", data, _HELLO.size)
-    return version, caps, mtu, ports
+    if len(data) != _HELLO.size + 2 * nports + _NET.size * nnets:
+        return None
+    ports = struct.unpack_from(f"!{nports}H", data, _HELLO.size)
+    nets = []
+    offset = _HELLO.size + 2 * nports
+    for _ in range(nnets):
+        addr, prefix = _NET.unpack_from(data, offset)
+        offset += _NET.size
+        if prefix > 32:
+            return None
+        nets.append(str(ipaddress.IPv4Network((addr, prefix), strict=False)))
+    return Hello(version, caps, mtu, ports, digest, tuple(nets))
+
+
+def pairs_digest(pairs):
+    """A digest of a set of subnet pairs that both sides compute alike."""
+    text = "\n".join(sorted(" ".join(sorted(p)) for p in pairs))
+    return zlib.crc32(text.encode("ascii"))

@@ -42,8 +42,8 @@ def test_bench_control_encoding(benchmark):
 
 
 def test_bench_hello_round_trip(benchmark):
-    hello = frames.encode_hello(frames.CAP_OFFLOAD, 1400, [40000, 40001])
-    assert benchmark(frames.decode_hello, hello)[2] == 1400
+    hello = frames.encode_hello(frames.Hello(1, frames.CAP_OFFLOAD, 1400, (40000, 40001), 7, ("172.18.0.0/16",)))
+    assert benchmark(frames.decode_hello, hello).mtu == 1400
 
 
 def test_bench_message_pack_unpack(benchmark):

@@ -56,3 +56,22 @@ def test_looks_like_ip_packet_tells_packets_from_control_text():
     text = b"connect 172.18.0.0 172.19.0.0,disconnect 172.20.0.0 172.21.0.0"
     assert not frames.looks_like_ip_packet(text, len(text))
     assert not frames.looks_like_ip_packet(v4, len(v4) - 1)
+
+
+def test_hello_round_trip_with_ports_digest_and_networks():
+    hello = frames.Hello(1, frames.CAP_OFFLOAD | frames.CAP_NETWORKS, 1400, (40000, 40001), 0xDEADBEEF, ("172.18.0.0/16", "10.5.0.0/24"))
+    assert frames.decode_hello(frames.encode_hello(hello)) == hello
+
+
+def test_malformed_hellos_are_rejected():
+    good = frames.encode_hello(frames.Hello(1, 0, 1400, (1,), 0, ("172.18.0.0/16",)))
+    assert frames.decode_hello(good[:-1]) is None
+    assert frames.decode_hello(good + b"x") is None
+    assert frames.decode_hello(b"\x03NOPE" + good[5:]) is None
+    assert frames.decode_hello(good[:-1] + b"\x40") is None  # prefix length 64
+
+
+def test_pairs_digest_ignores_order_within_and_between_pairs():
+    a = frames.pairs_digest([("172.18.0.0", "172.19.0.0"), ("172.20.0.0", "172.21.0.0")])
+    b = frames.pairs_digest([("172.21.0.0", "172.20.0.0"), ("172.19.0.0", "172.18.0.0")])
+    assert a == b != frames.pairs_digest([])
