@@ -115,10 +115,7 @@ def cmd_run(args):
     try:
         cfg = cfgmod.parse(args.config)
     except ConfigError as exc:
-        for line in cfgmod.format_problems(exc.problems):
-            print(line, file=sys.stderr)
-        print(f"fastfwd: not started: {args.config} is invalid", file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError(f"not started: {args.config} is invalid", exc.problems) from exc
     overrides = {}
     for key in ("state", "socket", "dev", "loglevel"):
         value = getattr(args, key)

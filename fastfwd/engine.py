@@ -139,11 +139,7 @@ class Reader:
             pkts += 1
             out_bytes += end - start
         c = self._c
-        c[st.PKTS_IN] += received
-        c[st.BYTES_IN] += in_bytes
-        c[st.PKTS_OUT] += pkts
-        c[st.BYTES_OUT] += out_bytes
-        c[st.BATCHES] += 1
+        _count_batch(c, received, in_bytes, pkts, out_bytes)
         if no_peer:
             c[st.DROPS_NO_PEER] += no_peer
         if io_errors:
@@ -179,6 +175,15 @@ class Reader:
 
 
 _NOT_CONNECTED = {89, 107}  # EDESTADDRREQ, ENOTCONN: no peer yet
+
+
+def _count_batch(c, received, in_bytes, sent, out_bytes):
+    """Add one batch's totals to a counter slot (once per wake-up)."""
+    c[st.PKTS_IN] += received
+    c[st.BYTES_IN] += in_bytes
+    c[st.PKTS_OUT] += sent
+    c[st.BYTES_OUT] += out_bytes
+    c[st.BATCHES] += 1
 
 
 class Writer:
@@ -267,11 +272,7 @@ class Writer:
                 self._slow_path(n, src)
                 collecting = self._body is not None
         c = self._c
-        c[st.PKTS_IN] += received
-        c[st.BYTES_IN] += in_bytes
-        c[st.PKTS_OUT] += pkts
-        c[st.BYTES_OUT] += out_bytes
-        c[st.BATCHES] += 1
+        _count_batch(c, received, in_bytes, pkts, out_bytes)
         if io_errors:
             c[st.DROPS_IO] += io_errors
         if pkts:
