@@ -36,7 +36,11 @@ async def serve(path, handler):
             except ValueError as exc:
                 reply = {"ok": False, "code": "bad_request", "error": f"bad request: {exc}"}
             else:
-                reply = await handler(request)
+                try:
+                    reply = await handler(request)
+                except Exception as exc:
+                    log.exception("request failed op=%s", request.get("op"))
+                    reply = {"ok": False, "code": "internal", "error": f"request failed: {exc}"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):

@@ -52,7 +52,7 @@ class Side:
         ]
         self.counters = st.Counters(spec["stats_fd"])
         self.pids = {}  # "reader0" -> pid
-        self.starts = {}  # "reader0" -> times started
+        self.restarts = {}  # "reader0" -> times restarted, from the supervisor
         self.stopped = self.loop.create_future()
         self.started_at = time.time()
         self.local = None
@@ -89,10 +89,15 @@ class Side:
             self.on_frame(messages.peer_from_wire(msg.get("src")), msg["data"])
         elif op == messages.CONTROL_BODY:
             self.on_control_body(msg["body"])
+        elif op == messages.UNKNOWN_SOURCE:
+            self.on_unknown_source(messages.peer_from_wire(msg.get("src")))
         elif op == messages.CHILD_STARTED:
+            if msg["role"] == "control":
+                self.restarts["control"] = msg.get("restarts", 0)
+                return
             name = f"{msg['role']}{msg['queue']}"
             self.pids[name] = msg["pid"]
-            self.starts[name] = self.starts.get(name, 0) + 1
+            self.restarts[name] = msg.get("restarts", 0)
             log.debug("worker started name=%s pid=%d", name, msg["pid"])
             self.on_worker_started(msg["role"], msg["queue"])
         elif op == messages.SHUTDOWN:
@@ -131,14 +136,14 @@ class Side:
         for name in sorted(self.pids):
             role = "reader" if name.startswith("reader") else "writer"
             queue = int(name[len(role):])
-            entry = {"name": name, "pid": self.pids[name], "restarts": self.starts[name] - 1}
+            entry = {"name": name, "pid": self.pids[name], "restarts": self.restarts.get(name, 0)}
             entry["counters"] = {
                 k: v for k, v in self.counters.read(st.slot_index(role, queue)).items()
                 if not k.startswith("last_")
             }
             entry.update(_usage(self.pids[name]))
             procs.append(entry)
-        control = {"name": "control", "pid": os.getpid(), "counters": {}}
+        control = {"name": "control", "pid": os.getpid(), "counters": {}, "restarts": self.restarts.get("control", 0)}
         control.update(_usage(os.getpid()))
         procs.insert(0, control)
         return {"side": self.name, "tun": self.tun_name, "uptime_s": round(time.time() - self.started_at, 1), "processes": procs}
@@ -161,6 +166,9 @@ class Side:
         pass
 
     def on_control_body(self, body):
+        pass
+
+    def on_unknown_source(self, src):
         pass
 
     def on_worker_started(self, role, queue):
@@ -215,8 +223,12 @@ def _side_class(name):
 
 
 async def run_control(spec):
+    loop = asyncio.get_running_loop()
+    # A SIGHUP during set-up must not kill the process; it reloads once
+    # set-up is done.
+    hup_pending = []
+    loop.add_signal_handler(signal.SIGHUP, hup_pending.append, True)
     side = _side_class(spec["side"])(spec)
-    loop = side.loop
     loop.add_signal_handler(signal.SIGTERM, side.stop)
     loop.add_signal_handler(signal.SIGINT, side.stop)
     if spec.get("cleanup_only"):
@@ -236,6 +248,8 @@ async def run_control(spec):
         await side.cleanup()
         return EXIT_SETUP
     loop.add_signal_handler(signal.SIGHUP, side.on_sighup)
+    if hup_pending:
+        side.on_sighup()
     if spec.get("socket"):
         side.local = await localsock.serve(spec["socket"], side.on_local_request)
     side.to_supervisor(messages.pack(messages.READY))

@@ -124,7 +124,7 @@ class RouteTable:
     def conflict(self, net):
         """Why ``net`` must not be routed into the tunnel, or None."""
         for name, iface in self.nl.ipv4_addresses():
-            if name == self.ifname or iface.ip.is_loopback:
+            if name == self.ifname:
                 continue
             if iface.network.overlaps(net):
                 return f"overlaps {iface.network} on {name}"

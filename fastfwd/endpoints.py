@@ -43,7 +43,7 @@ def open_tun(name, queues, vnet_hdr=False):
 def _open_queues(name, queues, vnet_hdr):
     fds = []
     try:
-        fd, actual = linux.open_tun_queue(name, vnet_hdr=vnet_hdr)
+        fd, actual = linux.open_tun_queue(name, vnet_hdr=vnet_hdr, create=True)
         fds.append(fd)
         for _ in range(queues - 1):
             fds.append(linux.open_tun_queue(actual, vnet_hdr=vnet_hdr)[0])
@@ -60,7 +60,7 @@ def _tun_error(name, exc):
             f"cannot create TUN device {name}: {exc.strerror} "
             "(run as root or grant CAP_NET_ADMIN)"
         )
-    if exc.errno == errno.EBUSY:
+    if exc.errno in (errno.EBUSY, errno.EEXIST):
         return DeviceError(
             f"cannot create TUN device {name}: it exists and is in use "
             "(another fastfwd running?)"

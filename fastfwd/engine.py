@@ -37,6 +37,12 @@ BATCH_PKTS = 256
 # A TUN super-packet (gso_max_size is kept below 64 KiB) plus its header.
 BUFFER_BYTES = 65536 + 64
 CONTROL_BODY_TIMEOUT_NS = 1_000_000_000
+# The smallest IP packet (an IPv4 header); shorter "packets" are garbage.
+MIN_PACKET_BYTES = 20
+# Frames from addresses that are not the peer reach the control process at
+# this rate at most; the rest are dropped and counted.
+STRANGER_FRAMES_PER_S = 50.0
+STRANGER_BURST = 100.0
 
 
 # Reader framings: how a packet read from TUN becomes a datagram.
@@ -211,7 +217,9 @@ class Writer:
         self._buf = bytearray(BUFFER_BYTES + self._off)
         self._view = memoryview(self._buf)
         self._rx = self._view[self._off :]
-        self._peers = frozenset([None]) if connected else frozenset()
+        self._peers = frozenset()
+        self.refresh_peers = None  # set by the worker: reads pending messages
+        self._tokens, self._tokens_at = STRANGER_BURST, 0.0
         # VM side: a control body being reassembled from chunks.
         self._body = None
         self._body_left = 0
@@ -224,25 +232,22 @@ class Writer:
         self._loop.remove_reader(self._sock.fileno())
 
     def set_peer(self, addrs):
-        """Accept IP packets from these ``(ip, port)`` addresses (host side)."""
-        if not self._connected:
-            self._peers = frozenset(addrs)
+        """Accept datagrams from these ``(ip, port)`` addresses only: the VM
+        side's worker sockets on the host, the host on the VM side."""
+        self._peers = frozenset(addrs)
 
     def _on_udp_readable(self):
         buf, view, rx, off, tun_fd = self._buf, self._view, self._rx, self._off, self._tun_fd
         write = os.write
         peers = self._peers
-        recv_into, recvfrom_into = self._sock.recv_into, self._sock.recvfrom_into
-        connected = self._connected
-        src = None
+        recvfrom_into = self._sock.recvfrom_into
         pkts = out_bytes = in_bytes = received = io_errors = 0
         collecting = self._body is not None
         for _ in range(BATCH_PKTS):
             try:
-                if connected:
-                    n = recv_into(rx)
-                else:
-                    n, src = recvfrom_into(rx)
+                # The source is checked on the VM side too: until the
+                # control process connects the socket, anyone may send.
+                n, src = recvfrom_into(rx)
             except BlockingIOError:
                 break
             except OSError:
@@ -251,15 +256,15 @@ class Writer:
                 continue
             received += 1
             in_bytes += n
-            first = buf[off] if n else 0xFF
-            if src in peers and not collecting:
+            if src in peers and n >= MIN_PACKET_BYTES and not collecting:
+                first = buf[off]
                 if first >> 4 == 4 or first >> 4 == 6:
                     packet = view[: off + n]
                 elif first == OFFLOAD_FRAME and off:
                     packet = view[off + 1 : off + n]
                 else:
                     self._slow_path(n, src)
-                    collecting = self._body is not None
+                    collecting, peers = self._body is not None, self._peers
                     continue
                 try:
                     write(tun_fd, packet)
@@ -270,7 +275,7 @@ class Writer:
                 out_bytes += n
             else:
                 self._slow_path(n, src)
-                collecting = self._body is not None
+                collecting, peers = self._body is not None, self._peers
         c = self._c
         _count_batch(c, received, in_bytes, pkts, out_bytes)
         if io_errors:
@@ -280,18 +285,47 @@ class Writer:
             c[st.LAST_IN_NS] = time.monotonic_ns()
 
     def _slow_path(self, n, src):
-        rx = self._rx
-        if self._body is not None and self._collect_body(n):
+        rx, c = self._rx, self._c
+        from_peer = src in self._peers
+        if not from_peer and self.refresh_peers is not None:
+            # The message naming this peer may still wait in the control
+            # channel (both became readable in the same wake-up).
+            self.refresh_peers()
+            from_peer = src in self._peers
+        if from_peer and self._body is not None and self._collect_body(n):
             return
         if n == 0:
-            self._c[st.DROPS_MALFORMED] += 1
+            c[st.DROPS_MALFORMED] += 1
             return
         first = rx[0]
+        if not from_peer:
+            # Strangers: the host hears heartbeats and hellos of a new VM
+            # side (throttled, so a flood cannot crowd out the control
+            # channel); the VM side talks to its host only.
+            if self._connected or first >= 0x10 and not frames.is_ip(first):
+                c[st.DROPS_UNKNOWN_SRC] += 1
+            elif not self._take_token():
+                c[st.DROPS_THROTTLED] += 1
+            elif frames.is_ip(first) or first == OFFLOAD_FRAME:
+                # A peer whose address changed (NAT rebinding) while sending.
+                c[st.DROPS_UNKNOWN_SRC] += 1
+                self._to_control(messages.pack(messages.UNKNOWN_SOURCE, src=messages.peer_to_wire(src)))
+            elif n <= frames.UPSTREAM_BUFFER_BYTES:
+                self._to_control(messages.pack(messages.FRAME, src=messages.peer_to_wire(src), data=bytes(rx[:n])))
+            else:
+                c[st.DROPS_MALFORMED] += 1
+            return
+        if first == frames.HEARTBEAT and n == 1:
+            # The peer is alive; the control process reads this, nothing to
+            # send it.
+            c[st.LAST_IN_NS] = time.monotonic_ns()
+            return
+        if (frames.is_ip(first) or first == OFFLOAD_FRAME) and n < MIN_PACKET_BYTES:
+            c[st.DROPS_MALFORMED] += 1
+            return
         if frames.is_ip(first) or first == OFFLOAD_FRAME:
-            if src not in self._peers:
-                self._c[st.DROPS_UNKNOWN_SRC] += 1
-            elif first == OFFLOAD_FRAME and not self._off:
-                self._c[st.DROPS_MALFORMED] += 1
+            if first == OFFLOAD_FRAME and not self._off:
+                c[st.DROPS_MALFORMED] += 1
             else:
                 start = self._off + 1 if first == OFFLOAD_FRAME else 0
                 self._write_tun(self._view[start : self._off + n])
@@ -302,7 +336,17 @@ class Writer:
         if first < 0x10 and n <= frames.UPSTREAM_BUFFER_BYTES:
             self._to_control(messages.pack(messages.FRAME, src=messages.peer_to_wire(src), data=bytes(rx[:n])))
             return
-        self._c[st.DROPS_MALFORMED] += 1
+        c[st.DROPS_MALFORMED] += 1
+
+    def _take_token(self):
+        """Token bucket for frames from strangers: STRANGER_FRAMES_PER_S."""
+        now = time.monotonic()
+        self._tokens = min(STRANGER_BURST, self._tokens + (now - self._tokens_at) * STRANGER_FRAMES_PER_S)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
     def _write_tun(self, packet):
         try:
@@ -332,6 +376,11 @@ class Writer:
             return False
         if frames.looks_like_ip_packet(self._rx, n) or self._rx[0] == OFFLOAD_FRAME:
             return False
+        if n > self._body_left:
+            # More than the header announced: not a body the upstream sends.
+            self._abort_body()
+            self._c[st.DROPS_MALFORMED] += 1
+            return True
         self._body += self._rx[:n]
         self._body_left -= n
         if self._body_left <= 0:

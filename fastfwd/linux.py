@@ -22,6 +22,7 @@ IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
+IFF_TUN_EXCL = 0x8000
 IFNAMSIZ = 16
 
 TUN_F_CSUM = 0x01
@@ -53,8 +54,13 @@ def ensure_tun_node():
     return True
 
 
-def open_tun_queue(name, multi_queue=True, vnet_hdr=False):
-    """Open one queue of TUN device ``name`` (created on the first call).
+def open_tun_queue(name, multi_queue=True, vnet_hdr=False, create=False):
+    """Open one queue of TUN device ``name``.
+
+    With ``create`` the device must not exist yet (IFF_TUN_EXCL; EBUSY
+    otherwise): a multi-queue device would otherwise quietly take a second
+    process as one more queue. Later queues of the same device are opened
+    without it.
 
     Returns ``(fd, actual_name)``. The fd is non-blocking and close-on-exec;
     the device lives as long as some queue fd is open (it is not persistent),
@@ -66,6 +72,8 @@ def open_tun_queue(name, multi_queue=True, vnet_hdr=False):
         flags |= IFF_MULTI_QUEUE
     if vnet_hdr:
         flags |= IFF_VNET_HDR
+    if create:
+        flags |= IFF_TUN_EXCL
     fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         ifr = struct.pack("16sH22x", name.encode(), flags)

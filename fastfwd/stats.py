@@ -27,22 +27,18 @@ FIELDS = (
     "control_bodies",  # VM writer: whole control bodies reassembled
     "control_aborted",  # VM writer: control bodies given up (lost chunk)
     "batches",
+    "drops_throttled",  # writer: frames from strangers over the rate limit
 )
 INDEX = {name: i for i, name in enumerate(FIELDS)}
-SLOT_FIELDS = 16
+SLOT_FIELDS = 24
 SLOT_BYTES = SLOT_FIELDS * 8
 assert len(FIELDS) <= SLOT_FIELDS
 
 PKTS_IN, BYTES_IN, PKTS_OUT, BYTES_OUT = 0, 1, 2, 3
 DROPS_NO_PEER, DROPS_IO, DROPS_MALFORMED, DROPS_UNKNOWN_SRC = 4, 5, 6, 7
 DROPS_CONTROL_FULL, FRAMES_TO_CONTROL, BACKPRESSURE = 8, 9, 10
-LAST_IN_NS, LAST_OUT_NS, CONTROL_BODIES, CONTROL_ABORTED, BATCHES = (
-    11,
-    12,
-    13,
-    14,
-    15,
-)
+LAST_IN_NS, LAST_OUT_NS, CONTROL_BODIES, CONTROL_ABORTED, BATCHES = 11, 12, 13, 14, 15
+DROPS_THROTTLED = 16
 
 
 def slot_index(role, queue):

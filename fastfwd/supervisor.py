@@ -146,12 +146,18 @@ class Supervisor:
         return Child(f"{role}{queue}", argv, fds)
 
     def _announce(self, child):
-        if child.name == "control" or self.control is None:
+        if self.control is None:
             return
-        role = "reader" if child.name.startswith("reader") else "writer"
-        queue = int(child.name[len(role):])
+        if child.name == "control":
+            role, queue = "control", 0
+        else:
+            role = "reader" if child.name.startswith("reader") else "writer"
+            queue = int(child.name[len(role):])
         self._send_control(
-            messages.pack(messages.CHILD_STARTED, role=role, queue=queue, pid=child.proc.pid)
+            messages.pack(
+                messages.CHILD_STARTED, role=role, queue=queue,
+                pid=child.proc.pid, restarts=child.restarts,
+            )  # fmt: skip
         )
 
     def _send_control(self, packed):
@@ -217,9 +223,10 @@ class Supervisor:
                 msg = messages.unpack(data)
             except ValueError:
                 continue
-            if msg["op"] == messages.READY and not self._ready.done():
-                self._ready.set_result(None)
-                # Worker pids, in case the control process was restarted.
+            if msg["op"] == messages.READY:
+                if not self._ready.done():
+                    self._ready.set_result(None)
+                # Every pid, in case the control process was restarted.
                 for child in self.children.values():
                     if child.proc is not None and child.proc.poll() is None:
                         self._announce(child)
@@ -230,9 +237,9 @@ class Supervisor:
                 if not self._ready.done():
                     self._ready.set_exception(exc)
                 else:
+                    # A restarted control process that cannot set up again
+                    # exits; it is restarted with backoff like any crash.
                     log.error("control failed reason=%s", reason)
-                    self.exit_code = exc.exit_code
-                    self._stop_event.set()
 
     def _reap(self):
         for name, child in list(self.children.items()):
@@ -242,6 +249,7 @@ class Supervisor:
             if self._stopping:
                 continue
             if name == "control" and not self._ready.done():
+                # Only the first start can fail the whole run.
                 self._ready.set_exception(
                     errors.FastfwdError(f"control process exited during set-up code={code}")
                 )
@@ -258,9 +266,7 @@ class Supervisor:
             return
         child.restarts += 1
         child.spawn()
-        if child.name == "control":
-            self._ready = asyncio.get_running_loop().create_future()
-        else:
+        if child.name != "control":
             self._announce(child)
 
     async def _shutdown(self):

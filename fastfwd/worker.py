@@ -61,6 +61,9 @@ class Worker:
         self.stopped = loop.create_future()
 
     def start(self):
+        self._on_channel()  # apply what the control process already sent
+        if self.args.role == "writer":
+            self.engine.refresh_peers = self._on_channel
         self.engine.start()
         self.loop.add_reader(self.channel.fileno(), self._on_channel)
 

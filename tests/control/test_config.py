@@ -107,3 +107,24 @@ def test_unreadable_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as err:
         config.parse(str(tmp_path / "missing.conf"))
     assert "cannot read" in str(err.value)
+
+
+def test_numbers_are_plain_ascii_digits():
+    for bad in ("1_400", "+1400", "1\u0664\u0660\u0660", " 1400x"):
+        with pytest.raises(ConfigError):
+            parse(f"mtu {bad}\n")
+
+
+def test_unusual_line_breaks_do_not_hide_a_second_directive():
+    with pytest.raises(ConfigError):
+        parse("route 10.62.0.0/16\u2028udp-config on\n")
+    with pytest.raises(ConfigError):
+        parse("route 10.62.0.0/16\x1cudp-config on\n")
+    cfg = parse("route 10.62.0.0/16\r\nmtu 1300\r\n")  # CRLF files are fine
+    assert cfg.mtu == 1300
+
+
+def test_route_with_host_bits_set_is_refused_with_the_network_named():
+    with pytest.raises(ConfigError) as err:
+        parse("route 172.18.0.1/16\n")
+    assert "172.18.0.0/16" in err.value.problems[0][2]

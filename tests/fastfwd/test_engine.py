@@ -120,6 +120,7 @@ def _connected_writer(rig):
     rig.sock.connect(rig.peer.getsockname())
     rig.peer.connect(rig.sock.getsockname())
     w = engine.Writer(rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot, rig.writer._channel, connected=True)
+    w.set_peer([rig.peer.getsockname()])
     w.start()
     return w
 
@@ -160,3 +161,62 @@ def test_vm_writer_abandons_a_body_whose_chunk_never_comes(rig, monkeypatch):
     w.stop()
     assert rig.writer_slot[st.CONTROL_ABORTED] == 1
     assert rig.tun.written() == packet
+
+
+def test_vm_writer_takes_nothing_from_strangers_before_its_host_is_known(rig):
+    w = engine.Writer(rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot, rig.writer._channel, connected=True)
+    w.start()
+    body = b"connect 172.18.0.0 172.19.0.0"
+    for d in frames.control_datagrams(body, 1400) + [ipv4_packet()]:
+        rig.peer.sendto(d, rig.sock.getsockname())
+    rig.spin()
+    w.stop()
+    assert rig.writer_slot[st.DROPS_UNKNOWN_SRC] == 3
+    assert rig.tun.nothing_written()
+    rig.control.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        rig.control.recv(65536)
+
+
+def test_host_writer_counts_peer_heartbeats_as_liveness_without_control(rig):
+    rig.writer.set_peer([rig.peer.getsockname()])
+    rig.writer.start()
+    rig.peer.sendto(frames.HEARTBEAT_FRAME, rig.sock.getsockname())
+    rig.spin()
+    assert rig.writer_slot[st.LAST_IN_NS] > 0
+    assert rig.writer_slot[st.FRAMES_TO_CONTROL] == 0
+
+
+def test_host_writer_throttles_a_stranger_flooding_heartbeats(rig):
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rig.writer.set_peer([rig.peer.getsockname()])
+    rig.writer.start()
+    for _ in range(300):
+        stranger.sendto(frames.HEARTBEAT_FRAME, rig.sock.getsockname())
+    rig.spin()
+    stranger.close()
+    handed = rig.writer_slot[st.FRAMES_TO_CONTROL]
+    assert handed <= engine.STRANGER_BURST + 10
+    received = rig.writer_slot[st.PKTS_IN]  # the kernel may drop some of 300
+    assert received > engine.STRANGER_BURST + 10
+    assert rig.writer_slot[st.DROPS_THROTTLED] + handed + rig.writer_slot[st.DROPS_CONTROL_FULL] == received
+
+
+def test_writer_counts_ip_junk_shorter_than_a_header_as_malformed(rig):
+    rig.writer.set_peer([rig.peer.getsockname()])
+    rig.writer.start()
+    rig.peer.sendto(b"\x45", rig.sock.getsockname())
+    rig.peer.sendto(b"\x60" * 19, rig.sock.getsockname())
+    rig.spin()
+    assert rig.writer_slot[st.DROPS_MALFORMED] == 2
+    assert rig.tun.nothing_written()
+
+
+def test_vm_writer_aborts_a_body_longer_than_announced(rig):
+    w = _connected_writer(rig)
+    rig.peer.send(frames.control_header(10))
+    rig.peer.send(b"connect 172.18.0.0 172.19.0.0")
+    rig.spin()
+    w.stop()
+    assert rig.writer_slot[st.CONTROL_ABORTED] == 1
+    assert rig.writer_slot[st.CONTROL_BODIES] == 0
