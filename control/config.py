@@ -14,6 +14,7 @@ a file.
 import copy
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 
 from fastfwd.errors import ConfigError
@@ -30,6 +31,12 @@ DEFAULT_STATE = "/var/lib/fastfwd/host.state"
 DEFAULT_SOCKET = "/run/fastfwd/host.sock"
 DEFAULT_DEV = "fastfwd0"
 LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# A ``hosts`` suffix: dot-separated labels of letters, digits, "_" and "-",
+# none starting or ending with "-".
+_DOMAIN = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9_-]{1,63}(?<!-))*")
+
+_FIELDS = re.compile(r"[ \t]+")
 
 # Directives that need a restart of the host side to change.
 RESTART_ONLY = ("addr", "port", "host", "mtu", "workers", "state", "socket", "dev", "offload")
@@ -128,10 +135,10 @@ def _network(text, what):
 
 
 def _int(text, what, lo, hi):
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise ValueError(f"{what} {text!r} is not a number") from None
+    # int() would also take "1_400", "+1400" and non-ASCII digits.
+    if not re.fullmatch(r"[0-9]+", text):
+        raise ValueError(f"{what} {text!r} is not a number")
+    value = int(text, 10)
     if not lo <= value <= hi:
         raise ValueError(f"{what} {value} is outside {lo}..{hi}")
     return value
@@ -217,7 +224,12 @@ def _apply(cfg, directive, args):
         cfg.tokens[args[0]] = ip
     elif directive == "hosts":
         _nargs(args, 2, 64, "hosts FILE SUFFIX...")
-        cfg.hosts.append(HostsSource(args[0], tuple(s.lstrip(".").lower() for s in args[1:])))
+        suffixes = tuple(s.strip(".").lower() for s in args[1:])
+        for suffix in suffixes:
+            # A leading "-" would read as "stop serving" on the wire.
+            if not _DOMAIN.fullmatch(suffix):
+                raise ValueError(f"hosts: suffix {suffix!r} is not a domain name")
+        cfg.hosts.append(HostsSource(args[0], suffixes))
     elif directive == "proxy":
         _nargs(args, 1, 1, "proxy [IP:]PORT[:LISTEN]")
         parts = args[0].split(":")
@@ -263,11 +275,14 @@ def parse_text(text, path="<config>", base=None):
     cfg = Config(path=path) if base is None else copy.deepcopy(base)
     problems = []
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+    # Lines end at "\n" only, and fields are split on spaces and tabs only:
+    # str.splitlines() and str.split() would also break at "\r", "\x1c",
+    # "\u2028" and friends, so one visible line could hide two directives.
+    for number, raw in enumerate(text.split("\n"), 1):
+        line = raw.split("#", 1)[0].strip(" \t\r")
         if not line:
             continue
-        directive, *args = line.split()
+        directive, *args = _FIELDS.split(line)
         try:
             _apply(cfg, directive.lower(), args)
         except ValueError as exc:
