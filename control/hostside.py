@@ -9,12 +9,15 @@ message. SIGHUP reloads the configuration file atomically.
 
 import ipaddress
 import logging
+import os
 import time
 
 from control import config as cfgmod
 from control import messages, watch
+from control.hostsfile import HostsNames
 from control.peer import HELLO_LEASE_S, PeerTracker
 from control.process import Side
+from control.proxy import ProxySet
 from control.routes import Netlink, RouteTable
 from fastfwd import frames, logsetup
 from fastfwd import stats as st
@@ -30,14 +33,13 @@ class HostSide(Side):
 
     def __init__(self, spec):
         super().__init__(spec)
-        self.cfg = cfgmod.parse(spec["config"]) if spec.get("config") else cfgmod.Config()
         self.overrides = spec.get("overrides", {})
-        for key, value in self.overrides.items():
-            setattr(self.cfg, key, value)
+        self.cfg = self.initial_config()
         self.peer = PeerTracker(self.cfg.state)
         self.nl = None
         self.routes = None
         self.watch_task = None
+        self.proxies = None  # ProxySet, once the TUN has the tunnel address
         self._next_route_check = 0.0
         self.pushes = 0
         self.udp_config_ignored = 0
@@ -48,6 +50,48 @@ class HostSide(Side):
         self.mtu_warned = None
         self.gone_pairs = set()  # pairs connected earlier in this run, now not
         self.docker_networks = set()  # bridge networks the VM side reported
+        self.names = HostsNames(spec.get("config"), self.push_controls)
+
+    def initial_config(self):
+        """The file's configuration; if it turned invalid while a previous
+        control process ran, the last one applied (kept next to the state
+        file), so a restart never changes what runs."""
+        path = self.spec.get("config")
+        if not path:
+            return cfgmod.Config()
+        try:
+            cfg = cfgmod.parse(path)
+        except ConfigError as exc:
+            snapshot = self._snapshot_path(self.overrides.get("state") or _state_line(path))
+            try:
+                with open(snapshot, encoding="utf-8") as f:
+                    cfg = cfgmod.parse_text(f.read(), path)
+            except (OSError, ConfigError):
+                raise exc from None
+            for line in cfgmod.format_problems(exc.problems):
+                log.error("configuration rejected, last applied one used %s", line)
+        for key, value in self.overrides.items():
+            setattr(cfg, key, value)
+        return cfg
+
+    @staticmethod
+    def _snapshot_path(state_path):
+        return state_path + ".conf"
+
+    def save_snapshot(self):
+        path = self.spec.get("config")
+        if not path:
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            target = self._snapshot_path(self.cfg.state)
+            os.makedirs(os.path.dirname(target) or ".", mode=0o700, exist_ok=True)
+            with open(target + ".tmp", "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(target + ".tmp", target)
+        except OSError as exc:
+            log.debug("configuration snapshot not written errno=%s", exc.errno)
 
     async def setup(self):
         self.nl = Netlink()
@@ -60,14 +104,21 @@ class HostSide(Side):
             self.tun_name, self.cfg.host_ip, self.cfg.addr.network.prefixlen,
             self.cfg.mtu, self.cfg.host, self.cfg.port, len(added),
         )  # fmt: skip
+        self.proxies = ProxySet(self.cfg.host_ip)
+        await self.proxies.apply(self.cfg.proxies)
+        self.names.configure(self.cfg.hosts, self.cfg.host_ip)
         if self.peer.load(time.monotonic()) is not None:
             self.on_peer_changed()
         if self.spec.get("config"):
+            self.save_snapshot()
             self.watch_task = self.loop.create_task(watch.run_watch(self.spec["config"], self.reload))
 
     async def teardown(self):
+        self.names.close()
         if self.watch_task is not None:
             self.watch_task.cancel()
+        if self.proxies is not None:
+            await self.proxies.close()
         if self.routes is not None:
             await self.nl.run(self.routes.remove_all)
         self.peer.save()
@@ -107,6 +158,13 @@ class HostSide(Side):
             self.on_udp_config(src, bytes(data[1:]))
         else:
             log.debug("frame ignored src=%s type=%d bytes=%d", src, kind, len(data))
+
+    def on_unknown_source(self, src):
+        """IP packets from a stranger: a peer whose address changed under NAT
+        while it kept sending (it sends no heartbeat then). Treated like a
+        heartbeat: it can only take over from a peer that went silent."""
+        if src is not None and self.peer.heard(src, time.monotonic()):
+            self.on_peer_changed()
 
     def on_peer_changed(self):
         # A new peer speaks the upstream format until its hello says more.
@@ -207,10 +265,11 @@ class HostSide(Side):
         every pair an ``A-B`` line or a removed line took away.
         """
         connected = [("connect", a, b) for a, b in self.cfg.connected_pairs()]
+        names = self.names.commands()  # the whole name table, every time
         if self.peer_hello is not None and self.peer_hello.caps & frames.CAP_RESET_PAIRS:
-            return [("reset-pairs",), *connected]
+            return [("reset-pairs",), *connected, *names]
         gone = {tuple(sorted(p)) for p in self.cfg.disconnected_pairs()} | self.gone_pairs
-        return connected + [("disconnect", a, b) for a, b in sorted(gone)]
+        return connected + [("disconnect", a, b) for a, b in sorted(gone)] + names
 
     def pairs_digest(self):
         return frames.pairs_digest(self.cfg.connected_pairs())
@@ -267,6 +326,7 @@ class HostSide(Side):
         for key, value in self.overrides.items():
             setattr(new, key, value)
         await self.apply(new)
+        self.save_snapshot()
 
     async def apply(self, new, push=False):
         """Switch to ``new``: routes, pairs and loglevel change live.
@@ -288,8 +348,11 @@ class HostSide(Side):
         old_on = {tuple(sorted(p)) for p in old.connected_pairs()}
         new_on = {tuple(sorted(p)) for p in new.connected_pairs()}
         self.gone_pairs = (self.gone_pairs | (old_on - new_on)) - new_on
+        push = self.names.configure(new.hosts, new.host_ip) or push
         if push or old.pairs != new.pairs:
             self.push_controls()
+        if old.proxies != new.proxies or self.proxies.failed:
+            await self.proxies.apply(new.proxies)  # also retries failed lines
         log.info("configuration changed routes_added=%d routes_removed=%d", len(added), len(removed))
 
     async def on_local_request(self, request):
@@ -336,5 +399,22 @@ class HostSide(Side):
             framing=self.framing,
             peer_mtu=self.peer_hello.mtu if self.peer_hello else None,
             docker_networks=sorted(self.docker_networks),
+            proxies=self.proxies.statistics(),
         )
+        out["names"] = self.names.statistics()
         return out
+
+
+def _state_line(path):
+    """The ``state`` path a file names, read leniently (the file may be
+    invalid elsewhere)."""
+    found = cfgmod.DEFAULT_STATE
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split("#", 1)[0].split()
+                if len(fields) == 2 and fields[0] == "state" and os.path.isabs(fields[1]):
+                    found = fields[1]
+    except OSError:
+        pass
+    return found

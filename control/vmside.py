@@ -16,6 +16,7 @@ import time
 
 from control import iptables as ipt
 from control import messages
+from control.dns import NameService
 from control.peer import HEARTBEAT_S, HELLO_LEASE_S
 from control.process import Side
 from control.routes import Netlink
@@ -62,6 +63,7 @@ class VmSide(Side):
         self.missing = set()  # pairs whose bridges were not found (warned once)
         self._next_pair_retry = 0.0
         self.ip_forward_was = None
+        self.names = NameService(self)  # the dns and host commands
 
     async def setup(self):
         self.nl = Netlink()
@@ -73,6 +75,7 @@ class VmSide(Side):
         self.resolve_task = self.loop.create_task(self.run_resolver())
 
     async def teardown(self):
+        self.names.close()
         if self.resolve_task is not None:
             self.resolve_task.cancel()
         await self.cleanup()
@@ -163,7 +166,7 @@ class VmSide(Side):
         except OSError as exc:
             log.warning("host unreachable addr=%s:%d errno=%s", addr[0], addr[1], exc.errno)
             return
-        old, self.host_addr = self.host_addr, addr
+        old, self.host_addr = self.host_addr, tuple(addr)
         log.info("host connected addr=%s:%d previous=%s", addr[0], addr[1], old)
         self.host_hello = None
         self.send_framing()
@@ -212,7 +215,8 @@ class VmSide(Side):
         if framing != self.framing:
             log.info("framing changed framing=%s", framing)
             self.framing = framing
-        self.to_workers(messages.pack(messages.SET_PEER, addrs=[], framing=framing))
+        addrs = [self.host_addr] if self.host_addr else []
+        self.to_workers(messages.pack(messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing))
 
     def on_worker_started(self, role, queue):
         self.send_framing()
@@ -247,6 +251,7 @@ class VmSide(Side):
         if now >= self._next_pair_retry and self.pairs - self.applied.keys():
             self._next_pair_retry = now + PAIR_RETRY_S
             await self.nl.run(self.reconcile_pairs, frozenset(self.pairs))
+        await self.names.on_tick(now)
 
     # control commands
 
@@ -268,8 +273,11 @@ class VmSide(Side):
                     self.pairs.add(pair)
                 else:
                     self.pairs.discard(pair)
+            elif verb in ("dns", "host"):
+                continue  # applied below, the body's names as one table
             else:
                 log.warning("control command not supported command=%s", verb)
+        self.names.on_commands(commands)
         self.loop.create_task(self.nl.run(self.reconcile_pairs, frozenset(self.pairs)))
 
     def bridge_networks(self):
@@ -345,6 +353,7 @@ class VmSide(Side):
             networks=sorted(self.networks),
             address=str(self.addr),
         )
+        out["dns"] = self.names.statistics()
         return out
 
 

@@ -36,11 +36,12 @@ def digest(path):
         return None
 
 
-async def run_watch(path, on_change, stop_event=None):
+async def run_watch(path, on_change, stop_event=None, what="configuration file"):
     """Call ``await on_change()`` each time the content at ``path`` changes.
 
     Runs until cancelled (or ``stop_event`` is set). A missing file is
-    reported once as a warning; the caller keeps its running configuration.
+    reported once as a warning, naming it as ``what``; the caller keeps its
+    running configuration.
     """
     last = digest(path)
     missing_warned = False
@@ -58,7 +59,7 @@ async def run_watch(path, on_change, stop_event=None):
             current = digest(path)
             if current is None:
                 if not missing_warned:
-                    log.warning("configuration file missing, running configuration kept path=%s", path)
+                    log.warning("%s missing, running configuration kept path=%s", what, path)
                     missing_warned = True
                 continue
             missing_warned = False

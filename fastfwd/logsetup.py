@@ -31,6 +31,9 @@ def setup(role, level="INFO"):
     set_level(level)
     # pyroute2 is chatty at INFO about things that are not problems here.
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
+    # watchfiles logs every batch of events at INFO; with a log file beside
+    # a watched file, each line would report the last one's write.
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
 
 
 def set_level(level):
