@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import sys
 
 from control import config as cfgmod
@@ -262,6 +263,11 @@ COMMANDS = {
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "connect"):
+        # Until the supervisor's loop handles it, a SIGHUP must not end the
+        # process tree being set up; children inherit the ignore and the
+        # control process installs its reload handler over it.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

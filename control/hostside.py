@@ -275,21 +275,32 @@ class HostSide(Side):
         return frames.pairs_digest(self.cfg.connected_pairs())
 
     def push_controls(self, commands=None):
-        """Send ``commands`` (default: all) to the peer as one control body."""
+        """Send ``commands`` (default: all) to the peer, in as many control
+        bodies as the 64 KiB limit needs (the name table stays in one)."""
         peer = self.peer.peer
         commands = self.commands() if commands is None else commands
         if peer is None or not commands:
             return
-        body = frames.encode_commands(commands)
+        names = [c for c in commands if c[0] in ("dns", "host")]
+        others = [c for c in commands if c[0] not in ("dns", "host")]
+        try:
+            bodies = frames.split_bodies(others, keep_together=names)
+        except ValueError as exc:
+            log.error("controls not pushed peer=%s:%d reason=%s", peer[0], peer[1], exc)
+            return
         sock = self.socks[0]
-        for datagram in frames.control_datagrams(body, self.cfg.mtu):
-            try:
-                sock.sendto(datagram, peer)
-            except OSError as exc:
-                log.warning("control push failed peer=%s:%d errno=%s", peer[0], peer[1], exc.errno)
-                return
+        for body in bodies:
+            for datagram in frames.control_datagrams(body, self.cfg.mtu):
+                try:
+                    sock.sendto(datagram, peer)
+                except OSError as exc:
+                    log.warning("control push failed peer=%s:%d errno=%s", peer[0], peer[1], exc.errno)
+                    return
         self.pushes += 1
-        log.info("controls pushed peer=%s:%d commands=%d bytes=%d", peer[0], peer[1], len(commands), len(body))
+        log.info(
+            "controls pushed peer=%s:%d commands=%d bodies=%d bytes=%d",
+            peer[0], peer[1], len(commands), len(bodies), sum(map(len, bodies)),
+        )  # fmt: skip
 
     # configuration
 
@@ -367,7 +378,7 @@ class HostSide(Side):
         except ConfigError as exc:
             return {"ok": False, "code": "invalid_config", "error": "configuration unchanged", "problems": cfgmod.format_problems(exc.problems)}
         restart = cfgmod.restart_changes(self.cfg, new)
-        await self.apply(new, push=any(line.split()[:1] == ["iptables"] for line in lines))
+        await self.apply(new, push=any(line.split()[:1] == ["iptables"] for line in text.lower().split("\n")))
         warnings = [f"{name} takes effect at the next restart" for name in restart]
         given = cfgmod.parse_text(text, "<config>").routes
         for net, reason in self.routes.refused.items():

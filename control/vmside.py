@@ -11,6 +11,7 @@ marked rules left by a killed run are purged at start.
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import time
 
@@ -62,7 +63,6 @@ class VmSide(Side):
         self.applied = {}  # pair -> list of (table, chain, rule)
         self.missing = set()  # pairs whose bridges were not found (warned once)
         self._next_pair_retry = 0.0
-        self.ip_forward_was = None
         self.names = NameService(self)  # the dns and host commands
 
     async def setup(self):
@@ -90,8 +90,19 @@ class VmSide(Side):
                 log.info("firewall rules removed count=%d", removed)
             except ipt.IptablesError as exc:
                 log.warning("firewall cleanup failed reason=%s", exc)
-        if self.ip_forward_was is not None:
-            _write(IP_FORWARD, self.ip_forward_was)
+        try:
+            was = _read(self.ip_forward_marker)
+        except OSError:
+            was = None
+        if was is not None:
+            _write(IP_FORWARD, was)
+            os.unlink(self.ip_forward_marker)
+
+    @property
+    def ip_forward_marker(self):
+        # Per network namespace and device: /proc/self/ns/net's inode names the namespace.
+        ns = os.stat("/proc/self/ns/net").st_ino
+        return f"/run/fastfwd/ip_forward-{ns}-{self.tun_name}"
 
     @property
     def mark(self):
@@ -129,10 +140,17 @@ class VmSide(Side):
             value = _read(IP_FORWARD)
         except OSError:
             return
+        marker = self.ip_forward_marker
         if value != "1":
             log.warning("ip_forward was off, turned on for the tunnel path=%s", IP_FORWARD)
+            # Remembered on disk: a restarted control process must still
+            # restore it on exit.
+            try:
+                os.makedirs(os.path.dirname(marker), mode=0o700, exist_ok=True)
+                _write(marker, value)
+            except OSError as exc:
+                log.warning("ip_forward marker not written path=%s errno=%s", marker, exc.errno)
             _write(IP_FORWARD, "1")
-            self.ip_forward_was = value
 
     # host
 
@@ -269,7 +287,9 @@ class VmSide(Side):
                 except ValueError:
                     log.warning("control command ignored command=%s reason=bad address", verb)
                     continue
-                if verb == "connect":
+                if pair[0] == pair[1]:
+                    log.warning("control command ignored command=%s reason=same subnet twice", verb)
+                elif verb == "connect":
                     self.pairs.add(pair)
                 else:
                     self.pairs.discard(pair)

@@ -126,6 +126,37 @@ def encode_commands(commands):
     return ",".join(parts).encode("ascii")
 
 
+def split_bodies(commands, keep_together=()):
+    """Encode ``commands`` as one or more control bodies of at most 64 KiB.
+
+    Commands are never cut; the ones in ``keep_together`` (a name table,
+    which the VM side replaces as a whole per body) go into the last body
+    together. Raises ValueError if ``keep_together`` alone exceeds 64 KiB.
+    """
+    bodies, current = [], []
+    for command in commands:
+        trial = encode_commands([*current, command])
+        if len(trial) > MAX_CONTROL_BODY_BYTES and current:
+            bodies.append(encode_commands(current))
+            current = [command]
+        else:
+            current.append(command)
+    together = list(keep_together)
+    if together:
+        if current and len(encode_commands([*current, *together])) <= MAX_CONTROL_BODY_BYTES:
+            current.extend(together)
+        else:
+            if current:
+                bodies.append(encode_commands(current))
+            current = together
+    if current:
+        body = encode_commands(current)
+        if len(body) > MAX_CONTROL_BODY_BYTES:
+            raise ValueError("a command group exceeds 64 KiB")
+        bodies.append(body)
+    return bodies
+
+
 def decode_commands(body):
     """Split a control body into commands, each a list of fields.
 

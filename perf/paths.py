@@ -88,6 +88,9 @@ class Fastfwd(Path):
         while time.monotonic() < deadline:
             framings = {self.tunnel.status(side).get("framing") for side in ("host", "vm")}
             if framings == {want}:
+                refused = self.tunnel.status("host")["refused_routes"]
+                if refused:
+                    raise RuntimeError(f"{self.name}: routes refused: {refused}")
                 return
             time.sleep(0.1)
         raise RuntimeError(f"{self.name}: framing is {framings}, not {want}\n{self.tunnel.logs()}")
@@ -133,6 +136,7 @@ class OpenVPN(Path):
         _accept_device(lab, "ovpn0", add=False)
         for proc in self.procs.values():
             lab.stop(proc)
+        _wait_gone(lab, "ovpn0")
 
     def pids(self):
         return {side: [p.pid] for side, p in self.procs.items()}
@@ -167,6 +171,7 @@ class Socat(Path):
         _accept_device(lab, "sct0", add=False)
         for proc in self.procs.values():
             lab.stop(proc)
+        _wait_gone(lab, "sct0")
 
     def pids(self):
         return {side: [p.pid] for side, p in self.procs.items()}
@@ -179,6 +184,17 @@ def _wait_link(lab, ns, dev, timeout_s=15.0):
             return
         time.sleep(0.1)
     raise RuntimeError(f"{dev} did not appear in {ns}")
+
+
+def _wait_gone(lab, dev, timeout_s=10.0):
+    """Wait until ``dev`` and its routes are gone from both namespaces, so
+    the next path's routes do not meet them."""
+    deadline = time.monotonic() + timeout_s
+    for ns in (lab.host_ns, lab.vm_ns):
+        while lab.run(ns, "ip", "link", "show", dev, check=False).returncode == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{dev} is still in {ns}")
+            time.sleep(0.05)
 
 
 def _wait_ping(lab, ip, timeout_s=15.0):

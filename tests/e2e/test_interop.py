@@ -181,3 +181,24 @@ def test_vm_side_waits_for_an_unresolvable_host_and_connects_when_it_resolves(la
         assert t.status("vm")["host"] == f"{lab.host_ip}:{PORT}"
     finally:
         t.stop()
+
+
+def test_a_push_over_64k_goes_out_as_several_well_formed_bodies(lab, tmp_path):
+    pairs = [f"iptables 10.{i // 256}.{i % 256}.0+10.200.{i % 256}.0" for i in range(3000)]
+    t = Tunnel(lab, tmp_path / "t", lines=pairs)
+    t.start_host()
+    assert wait_for(lambda: os.path.exists(t.host_socket)), t.logs()
+    vm = socket_in(lab.vm_ns)
+    try:
+        vm.bind(("0.0.0.0", 0))
+        vm.sendto(b"\x00", (str(lab.host_ip), PORT))
+        commands = []
+        while len(commands) < 3000:
+            body, _ = read_control(vm)
+            assert len(body) <= 0xFFFF
+            commands += body.decode().split(",")
+        assert len(commands) == 3000
+        assert all(c.startswith("connect 10.") and c.count(" ") == 2 for c in commands)
+    finally:
+        vm.close()
+        t.stop()

@@ -103,3 +103,57 @@ def test_killed_vm_side_leaves_rules_that_the_next_start_purges(lab, tmp_path):
     finally:
         t.stop()
     assert "fastfwd" not in lab.iptables(lab.vm_ns, "-S")
+
+
+def test_a_second_instance_on_the_same_device_is_refused(lab, tunnel, tmp_path):
+    conf = tmp_path / "second.conf"
+    conf.write_text(f"host {lab.host_ip}\nport 2600\nsocket {tmp_path}/2.sock\nstate {tmp_path}/2.state\n")
+    routes = tunnel.status("host")["routes"]
+    res = lab.run(lab.host_ns, sys.executable, "-m", "fastfwd", "run", "-c", str(conf), check=False, cwd=os.getcwd(), timeout=60)
+    assert res.returncode == 3, res.stderr
+    assert "exists and is in use" in res.stderr
+    res = lab.run(lab.vm_ns, sys.executable, "-m", "fastfwd", "connect", "-host", str(lab.host_ip),
+                  "--socket", f"{tmp_path}/v2.sock", check=False, cwd=os.getcwd(), timeout=60)  # fmt: skip
+    assert res.returncode == 3, res.stderr
+    # The running pair is untouched.
+    time.sleep(2.5)
+    assert tunnel.status("host")["routes"] == routes
+    assert "fastfwd:fastfwd0" in lab.iptables(lab.vm_ns, "-S")
+    assert ping(lab, lab.containers[0].ip)
+
+
+def test_control_process_killed_twice_in_a_row_is_still_restarted(lab, tunnel):
+    first = _pid(tunnel, "host", "control")
+    os.kill(first, signal.SIGKILL)
+    second = wait_for(lambda: (p := _pid(tunnel, "host", "control")) != first and p, 20)
+    # Kill the replacement at once, before it can settle.
+    os.kill(second, signal.SIGKILL)
+    third = wait_for(lambda: (p := _pid(tunnel, "host", "control")) not in (first, second) and p, 30)
+    assert third, tunnel.logs()
+    assert next(p for p in tunnel.status("host")["processes"] if p["name"] == "control")["restarts"] == 2
+    assert wait_for(lambda: ping(lab, lab.containers[0].ip)), tunnel.logs()
+
+
+def test_restarted_control_keeps_the_last_good_configuration(lab, tunnel):
+    routes = tunnel.status("host")["routes"]
+    with open(tunnel.config, "a") as f:
+        f.write("route not-valid\n")
+    time.sleep(0.6)
+    old = _pid(tunnel, "host", "control")
+    os.kill(old, signal.SIGKILL)
+    assert wait_for(lambda: _pid(tunnel, "host", "control") != old, 20), tunnel.logs()
+    assert tunnel.status("host")["routes"] == routes
+    assert "last applied one used" in tunnel.logs()
+
+
+def test_sighup_during_start_up_does_not_kill_anything(lab, tmp_path):
+    t = Tunnel(lab, tmp_path / "t")
+    proc = t.start_host()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGHUP)
+    try:
+        t.start_vm()
+        t.wait_ready()
+        assert proc.poll() is None
+    finally:
+        t.stop()

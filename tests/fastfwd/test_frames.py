@@ -75,3 +75,18 @@ def test_pairs_digest_ignores_order_within_and_between_pairs():
     a = frames.pairs_digest([("172.18.0.0", "172.19.0.0"), ("172.20.0.0", "172.21.0.0")])
     b = frames.pairs_digest([("172.21.0.0", "172.20.0.0"), ("172.19.0.0", "172.18.0.0")])
     assert a == b != frames.pairs_digest([])
+
+
+def test_split_bodies_keeps_each_body_under_64k_and_names_together():
+    pairs = [("connect", f"10.{i // 256}.{i % 256}.0", f"10.200.{i % 256}.0") for i in range(4000)]
+    names = [("dns", "dev.test"), ("host", "192.168.251.2", "a.dev.test", "b.dev.test")]
+    bodies = frames.split_bodies(pairs, keep_together=names)
+    assert len(bodies) >= 2
+    assert all(len(b) <= frames.MAX_CONTROL_BODY_BYTES for b in bodies)
+    decoded = [frames.decode_commands(b) for b in bodies]
+    assert sum(len(d) for d in decoded) == len(pairs) + len(names)
+    assert [c for d in decoded for c in d if c[0] in ("dns", "host")] == decoded[-1][-2:]
+
+
+def test_split_bodies_of_a_small_set_is_one_body():
+    assert frames.split_bodies([("connect", "a", "b")]) == [b"connect a b"]
