@@ -43,6 +43,9 @@ class PeerTracker:
         self.last_heard = 0.0
         self.candidate = None
         self.candidate_heard = 0.0
+        # A peer restored from the state file has not been heard in this
+        # run yet; if the VM side restarted too, it is gone.
+        self.confirmed = False
 
     def is_stale(self, now):
         return self.peer is None or now - self.last_heard > self.stale_after_s
@@ -51,8 +54,11 @@ class PeerTracker:
         """A heartbeat from ``src`` arrived; True when the peer changed."""
         if src == self.peer:
             self.last_heard = now
+            self.confirmed = True
             return False
-        if self.is_stale(now):
+        if self.is_stale(now) or (not self.confirmed and src[0] == self.peer[0]):
+            # A restored peer is replaced at once by a new port on its own
+            # address: the VM side restarted while the host was down.
             self._switch(src, now)
             return True
         self.candidate, self.candidate_heard = src, now
@@ -62,6 +68,7 @@ class PeerTracker:
         """The current peer's packets were forwarded at ``now``."""
         if self.peer is not None and now > self.last_heard:
             self.last_heard = now
+            self.confirmed = True
 
     def tick(self, now):
         """Promote a fresh candidate once the peer went silent; True if so."""
@@ -79,6 +86,7 @@ class PeerTracker:
         old = self.peer
         self.peer, self.last_heard = src, now
         self.candidate = None
+        self.confirmed = True
         log.info("peer connected addr=%s:%d previous=%s", src[0], src[1], _fmt(old))
         self.save()
 
@@ -98,6 +106,7 @@ class PeerTracker:
             log.warning("state file ignored path=%s reason=%s", self.state_path, exc)
             return None
         self.peer, self.last_heard = peer, now
+        self.confirmed = False
         log.info("peer restored addr=%s:%d state=%s", peer[0], peer[1], self.state_path)
         return peer
 

@@ -23,8 +23,10 @@ Both loops are single-threaded and owned by their process's event loop;
 nothing here may be called from another thread.
 """
 
+import errno
 import logging
 import os
+import sys
 import time
 
 from control import messages
@@ -34,6 +36,15 @@ from fastfwd import stats as st
 log = logging.getLogger(__name__)
 
 BATCH_PKTS = 256
+# COMPAT batching: room for one packet (MTU < 2000), the buffer for a run
+# (UDP length limit), and the kernel's limit on segments per send.
+SLOT_BYTES = 2048
+BATCH_BUFFER_BYTES = 65507
+MAX_SEGMENTS = 64
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+_GRO_CMSG_BYTES = 64  # room for the UDP_GRO control message (a u16 segment size)
 # A TUN super-packet (gso_max_size is kept below 64 KiB) plus its header.
 BUFFER_BYTES = 65536 + 64
 CONTROL_BODY_TIMEOUT_NS = 1_000_000_000
@@ -69,7 +80,7 @@ class Reader:
     and counted, since a compatible peer cannot take it.
     """
 
-    def __init__(self, loop, tun_fd, sock, counters, *, connected, vnet_hdr=False):
+    def __init__(self, loop, tun_fd, sock, counters, *, connected, vnet_hdr=False, gso=False):
         self._loop = loop
         self._tun_fd = tun_fd
         # A raw FileIO returns None instead of raising when the fd would block.
@@ -83,7 +94,13 @@ class Reader:
         self._view = memoryview(self._buf)
         self._rx_view = self._view[1:] if vnet_hdr else self._view
         self._peer = None
-        self._pending = (0, 0)
+        self._pending = (self._view, 0, 0, 0)
+        # COMPAT batching: equal-sized packets gathered back to back and sent
+        # with one UDP_SEGMENT call (see _drain_batched).
+        self._gso = gso
+        self._batch = bytearray(BATCH_BUFFER_BYTES)
+        self._batch_view = memoryview(self._batch)
+        self._hdr = bytearray(_VNET)
         self.set_framing(COMPAT)
 
     def start(self):
@@ -110,6 +127,9 @@ class Reader:
             self._start, self._end_extra, self._check_gso = 1 + _VNET, 1, True
 
     def _on_tun_readable(self):
+        if self._gso and self.framing == COMPAT:
+            self._drain_batched()
+            return
         readinto = self._tun.readinto
         buf, rx_view, view = self._buf, self._rx_view, self._view
         sock, peer, connected = self._sock, self._peer, self._connected
@@ -134,7 +154,7 @@ class Reader:
                     no_peer += 1
                     continue
             except BlockingIOError:
-                self._pause(start, end)
+                self._pause(view, start, end)
                 break
             except OSError as exc:
                 if exc.errno in _NOT_CONNECTED:
@@ -155,26 +175,124 @@ class Reader:
         if pkts:
             c[st.LAST_OUT_NS] = time.monotonic_ns()
 
-    def _pause(self, start, end):
-        # The datagram stays in the buffer; nothing reads TUN until it is sent.
-        self._pending = (start, end)
+    def _drain_batched(self):
+        """COMPAT framing with UDP segmentation offload.
+
+        Packets of one size (a bulk TCP flow's are all MSS-sized) are read
+        back to back into the batch buffer and sent with one sendmsg()
+        carrying UDP_SEGMENT: on the wire they are the same one-packet
+        datagrams an upstream peer expects, but the kernel handles the run
+        as one buffer, and a fastfwd receiver with UDP_GRO takes it whole.
+        A packet of another size ends the run (a shorter one may close it).
+        """
+        fd, vnet, hdr = self._tun_fd, self._vnet, self._hdr
+        view, readinto = self._batch_view, self._tun.readinto
+        readv = os.readv
+        received = in_bytes = bad = 0
+        p = seg = count = 0
+        limit = BATCH_BUFFER_BYTES - SLOT_BYTES
+        for _ in range(BATCH_PKTS):
+            try:
+                if vnet:
+                    n = readv(fd, [hdr, view[p : p + SLOT_BYTES]]) - _VNET
+                else:
+                    n = readinto(view[p : p + SLOT_BYTES])
+                    if n is None:
+                        break
+            except BlockingIOError:
+                break
+            received += 1
+            in_bytes += n
+            if vnet and hdr[1] != 0:  # needs segmentation: not for COMPAT
+                bad += 1
+                continue
+            if count and n > seg:
+                # Another size: send the run so far, start a new one here.
+                if not self._send_run(0, p, seg, count):
+                    return self._count_run(received, in_bytes, bad)
+                view[0:n] = view[p : p + n]
+                p = count = 0
+            if count == 0:
+                seg = n
+            p += n
+            count += 1
+            if n < seg or p > limit or count == MAX_SEGMENTS:
+                if not self._send_run(0, p, seg, count):
+                    return self._count_run(received, in_bytes, bad)
+                p = count = 0
+        if count and not self._send_run(0, p, seg, count):
+            return self._count_run(received, in_bytes, bad)
+        self._count_run(received, in_bytes, bad)
+
+    def _count_run(self, received, in_bytes, bad):
+        c = self._c
+        c[st.PKTS_IN] += received
+        c[st.BYTES_IN] += in_bytes
+        c[st.BATCHES] += 1
+        if bad:
+            c[st.DROPS_MALFORMED] += bad
+
+    def _send_run(self, start, end, seg, count):
+        """Send ``count`` packets of ``seg`` bytes (the last may be shorter)
+        lying back to back in the batch buffer; False when the socket is full
+        and reading has paused."""
+        view, sock, peer = self._batch_view, self._sock, self._peer
+        if peer is None and not self._connected:
+            self._c[st.DROPS_NO_PEER] += count
+            return True
+        try:
+            if count == 1:
+                if self._connected:
+                    sock.send(view[start:end])
+                else:
+                    sock.sendto(view[start:end], peer)
+            else:
+                cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
+                if self._connected:
+                    sock.sendmsg([view[start:end]], cmsg)
+                else:
+                    sock.sendmsg([view[start:end]], cmsg, 0, peer)
+        except BlockingIOError:
+            self._pause(view, start, end, seg if count > 1 else 0)
+            return False
+        except OSError as exc:
+            if count > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                # LIMIT: the kernel or the egress device cannot segment UDP
+                # (needs Linux >= 4.18 and checksum offload); this run goes
+                # out packet by packet and batching stays off.
+                self._gso = False
+                for i in range(start, end, seg):
+                    self._send_run(i, min(i + seg, end), seg, 1)
+                return True
+            self._c[st.DROPS_NO_PEER if exc.errno in _NOT_CONNECTED else st.DROPS_IO] += count
+            return True
+        self._c[st.PKTS_OUT] += count
+        self._c[st.BYTES_OUT] += end - start
+        self._c[st.LAST_OUT_NS] = time.monotonic_ns()
+        return True
+
+    def _pause(self, view, start, end, seg=0):
+        # The datagram (or run) stays in its buffer; nothing reads TUN until
+        # it is sent.
+        self._pending = (view, start, end, seg)
         self._c[st.BACKPRESSURE] += 1
         self._loop.remove_reader(self._tun_fd)
         self._loop.add_writer(self._sock.fileno(), self._on_sock_writable)
 
     def _on_sock_writable(self):
-        start, end = self._pending
+        view, start, end, seg = self._pending
+        cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))] if seg else []
         try:
             if self._connected:
-                self._sock.send(self._view[start:end])
+                self._sock.sendmsg([view[start:end]], cmsg)
             elif self._peer is not None:
-                self._sock.sendto(self._view[start:end], self._peer)
+                self._sock.sendmsg([view[start:end]], cmsg, 0, self._peer)
         except BlockingIOError:
             return
         except OSError:
             self._c[st.DROPS_IO] += 1
         else:
-            self._c[st.PKTS_OUT] += 1
+            self._c[st.PKTS_OUT] += -(-(end - start) // seg) if seg else 1
             self._c[st.BYTES_OUT] += end - start
         self._loop.remove_writer(self._sock.fileno())
         self._loop.add_reader(self._tun_fd, self._on_tun_readable)
@@ -218,6 +336,10 @@ class Writer:
         self._view = memoryview(self._buf)
         self._rx = self._view[self._off :]
         self._peers = frozenset()
+        try:
+            self._gro = bool(sock.getsockopt(SOL_UDP, UDP_GRO))
+        except OSError:
+            self._gro = False
         self.refresh_peers = None  # set by the worker: reads pending messages
         self._tokens, self._tokens_at = STRANGER_BURST, 0.0
         # VM side: a control body being reassembled from chunks.
@@ -240,14 +362,27 @@ class Writer:
         buf, view, rx, off, tun_fd = self._buf, self._view, self._rx, self._off, self._tun_fd
         write = os.write
         peers = self._peers
-        recvfrom_into = self._sock.recvfrom_into
+        recvfrom_into, recvmsg_into = self._sock.recvfrom_into, self._sock.recvmsg_into
+        gro, rx_list = self._gro, [rx]
         pkts = out_bytes = in_bytes = received = io_errors = 0
         collecting = self._body is not None
         for _ in range(BATCH_PKTS):
             try:
                 # The source is checked on the VM side too: until the
                 # control process connects the socket, anyone may send.
-                n, src = recvfrom_into(rx)
+                if gro:
+                    n, anc, _, src = recvmsg_into(rx_list, _GRO_CMSG_BYTES)
+                    if anc and n > (seg := int.from_bytes(anc[0][2][:2], sys.byteorder)):
+                        # Several datagrams of seg bytes, taken as one run.
+                        got, got_bytes, runs = self._write_run(n, src, seg)
+                        received += runs
+                        in_bytes += n
+                        pkts += got
+                        out_bytes += got_bytes
+                        collecting, peers = self._body is not None, self._peers
+                        continue
+                else:
+                    n, src = recvfrom_into(rx)
             except BlockingIOError:
                 break
             except OSError:
@@ -283,6 +418,36 @@ class Writer:
         if pkts:
             # Liveness of the peer: only packets it sent that reached TUN count.
             c[st.LAST_IN_NS] = time.monotonic_ns()
+
+    def _write_run(self, n, src, seg):
+        """Handle a run of datagrams that UDP_GRO delivered together, one by
+        one as if each had come alone; returns (written, bytes, datagrams).
+
+        Each later datagram is first moved to the start of the receive
+        area (over the one just handled), where the single-datagram code
+        expects it; a move of at most one MTU.
+        """
+        rx, view, off, tun_fd = self._rx, self._view, self._off, self._tun_fd
+        pkts = nbytes = count = 0
+        for i in range(0, n, seg):
+            size = min(seg, n - i)
+            count += 1
+            if i:
+                rx[0:size] = rx[i : i + size]
+            first = rx[0]
+            if src in self._peers and size >= MIN_PACKET_BYTES and self._body is None and (
+                first >> 4 == 4 or first >> 4 == 6
+            ):
+                try:
+                    os.write(tun_fd, view[: off + size])
+                except OSError:
+                    self._c[st.DROPS_IO] += 1
+                    continue
+                pkts += 1
+                nbytes += size
+            else:
+                self._slow_path(size, src)
+        return pkts, nbytes, count
 
     def _slow_path(self, n, src):
         rx, c = self._rx, self._c

@@ -51,8 +51,9 @@ class Worker:
         self.channel.setblocking(False)
         if args.role == "reader":
             self.engine = engine.Reader(
-                loop, args.tun_fd, self.sock, slot, connected=args.connected, vnet_hdr=args.vnet_hdr
-            )
+                loop, args.tun_fd, self.sock, slot, connected=args.connected,
+                vnet_hdr=args.vnet_hdr, gso=True,
+            )  # fmt: skip
         else:
             self.engine = engine.Writer(
                 loop, args.tun_fd, self.sock, slot, self.channel,

@@ -10,6 +10,7 @@ container reaches the host through the path.
 
 import os
 import subprocess
+import tempfile
 import time
 
 from lab.tunnel import Tunnel
@@ -80,7 +81,8 @@ class Fastfwd(Path):
 
     def start(self, lab, workdir):
         flag = ["--offload", "on" if self.offload else "off"]
-        self.tunnel = Tunnel(lab, os.path.join(workdir, self.name), mtu=TUNNEL_MTU,
+        # A fresh folder per run: no peer remembered from an earlier round.
+        self.tunnel = Tunnel(lab, tempfile.mkdtemp(prefix=self.name + "-", dir=workdir), mtu=TUNNEL_MTU,
                              workers=self.workers, vm_args=flag, host_args=flag)  # fmt: skip
         self.tunnel.start()
         want = "offload" if self.offload else "compat"

@@ -56,3 +56,20 @@ def test_corrupt_state_file_is_ignored(tmp_path):
     path = tmp_path / "state"
     path.write_text("{not json")
     assert PeerTracker(str(path)).load(1.0) is None
+
+
+def test_restored_peer_gives_way_at_once_to_a_new_port_on_its_address(tmp_path):
+    path = tmp_path / "state"
+    PeerTracker(str(path)).heard(A, 1.0)
+    t = PeerTracker(str(path))
+    t.load(50.0)
+    new_port = (A[0], A[1] + 1)
+    assert t.heard(new_port, 50.5)  # the VM side restarted with the host
+    assert t.peer == new_port
+
+
+def test_confirmed_peer_does_not_give_way_to_another_port():
+    t = PeerTracker()
+    t.heard(A, 1.0)
+    assert not t.heard((A[0], A[1] + 1), 2.0)
+    assert t.peer == A

@@ -220,3 +220,36 @@ def test_vm_writer_aborts_a_body_longer_than_announced(rig):
     w.stop()
     assert rig.writer_slot[st.CONTROL_ABORTED] == 1
     assert rig.writer_slot[st.CONTROL_BODIES] == 0
+
+
+def test_reader_sends_runs_of_equal_packets_as_separate_datagrams_in_order(rig, counters):
+    reader = engine.Reader(rig.loop, rig.tun.engine_fd, rig.sock, counters.slot(0), connected=False, gso=True)
+    reader.set_peer(rig.peer.getsockname())
+    reader.start()
+    packets = [ipv4_packet(bytes([i]) * 1000) for i in range(4)]
+    packets += [ipv4_packet(b"s" * 500), ipv4_packet(b"L" * 1300), ipv4_packet(b"L" * 1300)]
+    for p in packets:
+        rig.tun.inject(p)
+    rig.spin()
+    reader.stop()
+    got = [rig.peer.recv(65536) for _ in packets]
+    assert got == packets  # one packet per datagram, as an upstream peer needs
+    assert counters.slot(0)[st.PKTS_OUT] == len(packets)
+
+
+def test_writer_splits_a_run_received_with_udp_gro(rig):
+    from fastfwd.endpoints import _tune
+
+    _tune(rig.sock)  # turns UDP_GRO on
+    w = engine.Writer(rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot, rig.writer._channel, connected=False)
+    assert w._gro
+    w.set_peer([rig.peer.getsockname()])
+    w.start()
+    packets = [ipv4_packet(bytes([i]) * 1000) for i in range(5)] + [ipv4_packet(b"t" * 300)]
+    run = b"".join(packets)
+    seg = len(packets[0])
+    rig.peer.sendmsg([run], [(engine.SOL_UDP, engine.UDP_SEGMENT, seg.to_bytes(2, "little"))], 0, rig.sock.getsockname())
+    rig.spin()
+    w.stop()
+    assert [rig.tun.written() for _ in packets] == packets
+    assert rig.writer_slot[st.PKTS_OUT] == len(packets)
