@@ -20,7 +20,6 @@ from control.process import Side
 from control.proxy import ProxySet
 from control.routes import Netlink, RouteTable
 from fastfwd import frames, logsetup
-from fastfwd import stats as st
 from fastfwd.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,9 @@ import time
 from lab.nsocket import socket_in
 from lab.pytest_support import root_marks
 from lab.tunnel import Tunnel
-from tests.e2e.test_interop import read_control, wait_for
+from tests.e2e.helpers import fastfwd_routes as host_routes
+from tests.e2e.helpers import wait_for
+from tests.e2e.test_interop import read_control
 
 pytestmark = root_marks()
 
@@ -91,10 +93,6 @@ def test_upstream_vm_side_gets_a_disconnect_for_a_removed_line(lab, tmp_path):
         vm.close()
         t.stop()
 
-
-def host_routes(lab):
-    out = lab.run(lab.host_ns, "ip", "route", "show", "proto", "251").stdout
-    return sorted(line.split()[0] for line in out.splitlines())
 
 
 def test_routes_follow_the_docker_networks_of_the_vm(lab, tmp_path):

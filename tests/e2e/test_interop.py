@@ -3,7 +3,6 @@
 and a fake upstream host for fastfwd's VM side."""
 
 import os
-import socket
 import time
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from lab.nsocket import socket_in
 from lab.pytest_support import root_marks
 from lab.tunnel import Tunnel
+from tests.e2e.helpers import wait_for
 from tests import packets
 
 pytestmark = root_marks()
@@ -23,15 +23,6 @@ def recv(sock, timeout_s=5.0):
     sock.settimeout(timeout_s)
     return sock.recvfrom(65536)
 
-
-def wait_for(predicate, timeout_s=10.0, step_s=0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step_s)
-    return predicate()
 
 
 def read_control(sock):

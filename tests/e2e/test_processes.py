@@ -2,27 +2,15 @@
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
 from lab.pytest_support import root_marks
 from lab.tunnel import Tunnel
+from tests.e2e.helpers import wait_for
 
 pytestmark = root_marks()
 
-
-def wait_for(predicate, timeout_s=15.0, step_s=0.1):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except OSError:
-            value = None
-        if value:
-            return value
-        time.sleep(step_s)
-    return None
 
 
 def ping(lab, ip):

@@ -5,11 +5,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 from lab.nsocket import socket_in
 from lab.pytest_support import root_marks
 from lab.tunnel import Tunnel
+from tests.e2e.helpers import wait_for
 
 pytestmark = root_marks()
 
@@ -44,14 +44,6 @@ while chunk := s.recv(65536):
 sys.stdout.write(data.decode().split("\\r\\n\\r\\n", 1)[1])
 """
 
-
-def wait_for(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def web_server(lab, tmp_path, ip, port, text):

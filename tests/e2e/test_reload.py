@@ -7,22 +7,12 @@ import time
 
 from lab.pytest_support import root_marks
 from lab.tunnel import Tunnel
+from tests.e2e.helpers import fastfwd_routes as kernel_routes
+from tests.e2e.helpers import wait_for
 
 pytestmark = root_marks()
 
 
-def wait_for(predicate, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
-
-
-def kernel_routes(lab):
-    out = lab.run(lab.host_ns, "ip", "route", "show", "proto", "251").stdout
-    return sorted(line.split()[0] for line in out.splitlines())
 
 
 def test_config_file_changes_are_followed_and_bad_files_change_nothing(lab, tmp_path):

@@ -1,0 +1,25 @@
+"""Small helpers the end-to-end tests share."""
+
+import time
+
+
+def wait_for(predicate, timeout_s=10.0, step_s=0.1):
+    """Poll ``predicate`` until it returns something truthy; returns that,
+    or the last (falsy) value after ``timeout_s``. An OSError (a control
+    socket not there yet) counts as not yet."""
+    deadline = time.monotonic() + timeout_s
+    value = None
+    while True:
+        try:
+            value = predicate()
+        except OSError:
+            value = None
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(step_s)
+
+
+def fastfwd_routes(lab):
+    """The routes fastfwd holds in the host namespace (proto 251), sorted."""
+    out = lab.run(lab.host_ns, "ip", "route", "show", "proto", "251").stdout
+    return sorted(line.split()[0] for line in out.splitlines())
