@@ -56,6 +56,7 @@ def build_parser():
     con.add_argument("--workers", default="1", help="worker count, N or auto (default 1)")
     con.add_argument("--no-firewall", action="store_true", help="leave iptables alone (no Docker rules, no connect/disconnect)")
     con.add_argument("--offload", choices=("on", "off"), default="on", help="carry TCP super-packets whole when the host is fastfwd too (default on)")
+    con.add_argument("--secret-file", help="file holding the secret of the host's secret directive (or set FASTFWD_SECRET)")
     con.add_argument("--loglevel", type=str.upper, choices=cfgmod.LOGLEVELS, default=logsetup.env_level().upper(), help="log level (default INFO)")
 
     cfg = sub.add_parser("config", help="add configuration lines to a running host side")
@@ -155,6 +156,16 @@ def cmd_connect(args):
     if not linux.valid_ifname(args.dev):
         raise ConfigError(f"--dev {args.dev!r} is not a valid interface name")
     workers = _workers(args.workers)
+    secret_env = {}
+    if args.secret_file:
+        try:
+            with open(args.secret_file, encoding="utf-8") as f:
+                secret_env["FASTFWD_SECRET"] = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--secret-file {args.secret_file}: {exc.strerror}") from exc
+    secret = secret_env.get("FASTFWD_SECRET", os.environ.get("FASTFWD_SECRET", ""))
+    if secret and len(secret) < 16:
+        raise ConfigError("the secret must have at least 16 characters")
     logsetup.setup("supervisor", args.loglevel)
     try:
         if linux.ensure_tun_node():
@@ -172,7 +183,7 @@ def cmd_connect(args):
         "host": args.host, "port": args.port, "addr": str(addr), "mtu": args.mtu,
         "socket": args.socket, "firewall": not args.no_firewall,
     }  # fmt: skip
-    sup = Supervisor("vm", name, tun_fds, socks, control_args, args.loglevel.upper(), vnet_hdr=vnet)
+    sup = Supervisor("vm", name, tun_fds, socks, control_args, args.loglevel.upper(), vnet_hdr=vnet, control_env=secret_env)
     return asyncio.run(sup.run())
 
 

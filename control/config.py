@@ -97,6 +97,7 @@ class Config:
     udp_config: bool = False
     offload: bool = True
     docker_routes: bool = False
+    secret: str | None = None
     lines: dict = field(default_factory=dict)  # directive -> last line number
 
     @property
@@ -261,6 +262,11 @@ def _apply(cfg, directive, args):
         if not os.path.isabs(args[0]):
             raise ValueError(f"{directive} {args[0]!r}: expected an absolute path")
         setattr(cfg, directive, args[0])
+    elif directive == "secret":
+        _nargs(args, 1, 1, "secret STRING")
+        if len(args[0]) < 16:
+            raise ValueError("secret: use at least 16 characters")
+        cfg.secret = args[0]
     elif directive == "dev":
         _nargs(args, 1, 1, "dev NAME")
         if not valid_ifname(args[0]):

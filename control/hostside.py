@@ -25,6 +25,8 @@ from fastfwd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ROUTE_CHECK_S = 2.0
+# Signed hellos are accepted within this distance of the host's clock.
+HELLO_CLOCK_SKEW_MS = 60_000
 
 
 class HostSide(Side):
@@ -49,6 +51,8 @@ class HostSide(Side):
         self.mtu_warned = None
         self.gone_pairs = set()  # pairs connected earlier in this run, now not
         self.docker_networks = set()  # bridge networks the VM side reported
+        self.last_auth_ms = 0  # time stamp of the newest signed hello accepted
+        self.rejected_hellos = 0
         self.names = HostsNames(spec.get("config"), self.push_controls)
 
     def initial_config(self):
@@ -140,16 +144,23 @@ class HostSide(Side):
         if src is None or not data:
             return
         kind = data[0]
+        secret = self.secret
         if kind == frames.HEARTBEAT and len(data) == 1:
-            if self.peer.heard(src, time.monotonic()):
+            # With a secret, only a signed hello may change the peer.
+            if not secret and self.peer.heard(src, time.monotonic()):
                 self.on_peer_changed()
         elif kind == frames.HELLO:
-            hello = frames.decode_hello(data)
+            hello = frames.decode_hello(data, secret)
             if hello is None:
                 log.debug("malformed hello ignored src=%s", src)
                 return
             now = time.monotonic()
-            if self.peer.heard(src, now):
+            if secret:
+                if not self.hello_is_authentic(src, hello):
+                    return
+                if self.peer.force(src, now):
+                    self.on_peer_changed()
+            elif self.peer.heard(src, now):
                 self.on_peer_changed()
             if src == self.peer.peer:
                 self.on_hello(src, hello, now)
@@ -162,8 +173,27 @@ class HostSide(Side):
         """IP packets from a stranger: a peer whose address changed under NAT
         while it kept sending (it sends no heartbeat then). Treated like a
         heartbeat: it can only take over from a peer that went silent."""
-        if src is not None and self.peer.heard(src, time.monotonic()):
+        if src is not None and not self.secret and self.peer.heard(src, time.monotonic()):
             self.on_peer_changed()
+
+    @property
+    def secret(self):
+        return self.cfg.secret.encode() if self.cfg.secret else None
+
+    def hello_is_authentic(self, src, hello):
+        """A signed, fresh hello that was not seen before (replays of a
+        captured one carry an old time stamp)."""
+        now_ms = int(time.time() * 1000)
+        if not hello.authentic:
+            self.rejected_hellos += 1
+            log.debug("unsigned or wrongly signed hello ignored src=%s", src)
+            return False
+        if abs(now_ms - hello.auth_ms) > HELLO_CLOCK_SKEW_MS or hello.auth_ms <= self.last_auth_ms:
+            self.rejected_hellos += 1
+            log.debug("stale or replayed hello ignored src=%s", src)
+            return False
+        self.last_auth_ms = hello.auth_ms
+        return True
 
     def on_peer_changed(self):
         # A new peer speaks the upstream format until its hello says more.
@@ -178,7 +208,8 @@ class HostSide(Side):
         """A fastfwd VM side announced itself: answer, and use what it can do."""
         our_caps = frames.CAP_OFFLOAD if self.vnet_hdr and self.cfg.offload else 0
         try:
-            self.socks[0].sendto(frames.encode_hello(frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)), src)
+            reply = frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)
+            self.socks[0].sendto(frames.encode_hello(reply, self.secret), src)
         except OSError as exc:
             log.debug("hello reply failed errno=%s", exc.errno)
         if hello.mtu != self.cfg.mtu and self.mtu_warned != (src, hello.mtu):
@@ -408,6 +439,8 @@ class HostSide(Side):
             address=f"{self.cfg.host_ip}/{self.cfg.addr.network.prefixlen}",
             framing=self.framing,
             peer_mtu=self.peer_hello.mtu if self.peer_hello else None,
+            authenticated=bool(self.secret),
+            rejected_hellos=self.rejected_hellos,
             docker_networks=sorted(self.docker_networks),
             proxies=self.proxies.statistics(),
         )

@@ -64,6 +64,16 @@ class PeerTracker:
         self.candidate, self.candidate_heard = src, now
         return False
 
+    def force(self, src, now):
+        """An authenticated handshake from ``src``: it is the peer now.
+        True when the peer changed."""
+        if src == self.peer:
+            self.last_heard = now
+            self.confirmed = True
+            return False
+        self._switch(src, now)
+        return True
+
     def traffic(self, now):
         """The current peer's packets were forwarded at ``now``."""
         if self.peer is not None and now > self.last_heard:

@@ -44,6 +44,8 @@ class VmSide(Side):
         self.addr = ipaddress.IPv4Interface(spec["addr"])
         self.mtu = spec["mtu"]
         self.firewall = spec.get("firewall", True)
+        # From the environment, not the command line: argv is world-readable.
+        self.secret = os.environ.get("FASTFWD_SECRET", "").encode() or None
         self.vnet_hdr = bool(spec.get("vnet_hdr"))
         self.host_hello = None  # (version, caps, mtu, ports) of a fastfwd host
         self.host_hello_at = 0.0
@@ -205,7 +207,7 @@ class VmSide(Side):
             networks=tuple(sorted(self.networks)),
         )  # fmt: skip
         try:
-            self.socks[0].send(frames.encode_hello(hello))
+            self.socks[0].send(frames.encode_hello(hello, self.secret))
         except OSError as exc:
             log.debug("hello failed errno=%s", exc.errno)
         self.last_hello = now
@@ -214,14 +216,18 @@ class VmSide(Side):
         if not data or data[0] != frames.HELLO:
             log.debug("frame from host ignored type=%d bytes=%d", data[0] if data else -1, len(data))
             return
-        hello = frames.decode_hello(data)
+        hello = frames.decode_hello(data, self.secret)
         if hello is None:
+            return
+        if self.secret and not hello.authentic:
+            log.debug("unsigned or wrongly signed hello from the host ignored")
             return
         now = time.monotonic()
         if hello.mtu != self.mtu and self.mtu_warned != hello.mtu:
             self.mtu_warned = hello.mtu
             log.warning("mtu mismatch host_mtu=%d our_mtu=%d: set the same mtu on both sides", hello.mtu, self.mtu)
-        changed = self.host_hello != hello
+        old = self.host_hello
+        changed = old is None or old[:4] != hello[:4]
         self.host_hello, self.host_hello_at = hello, now
         if changed:
             log.info("host is fastfwd version=%d caps=%#x", hello.version, hello.caps)

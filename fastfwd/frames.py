@@ -21,8 +21,11 @@ exchange (docs/protocol.md):
   to 64 KiB that may still need segmentation (a TCP super-packet).
 """
 
+import hashlib
+import hmac
 import ipaddress
 import struct
+import time
 import zlib
 from typing import NamedTuple
 
@@ -37,9 +40,13 @@ HELLO_VERSION = 1
 CAP_OFFLOAD = 0x0001  # the sender accepts OFFLOAD frames
 CAP_RESET_PAIRS = 0x0002  # the VM side takes a "reset-pairs" command
 CAP_NETWORKS = 0x0004  # the VM side reports its bridge networks
+CAP_AUTH = 0x0008  # an authentication trailer follows (shared secret)
 MAX_HELLO_NETWORKS = 200
 _HELLO = struct.Struct("!B4sBHHIBB")
 _NET = struct.Struct("!4sB")
+# Authentication trailer: milliseconds since the epoch, then the first 16
+# bytes of HMAC-SHA256(secret, everything before the MAC).
+_AUTH = struct.Struct("!Q16s")
 
 
 class Hello(NamedTuple):
@@ -49,6 +56,8 @@ class Hello(NamedTuple):
     ports: tuple = ()  # the sender's worker UDP ports
     pairs_digest: int = 0  # VM side: digest of the subnet pairs it was told to connect
     networks: tuple = ()  # VM side: its bridge networks, as "a.b.c.d/n" strings
+    auth_ms: int = 0  # with CAP_AUTH: the sender's clock when it signed
+    authentic: bool = False  # decode_hello: the MAC matched the given secret
 
 HEARTBEAT_FRAME = b"\x00"
 CONTROL_HEADER_BYTES = 3
@@ -167,8 +176,11 @@ def decode_commands(body):
     return [c.split() for c in text.split(",") if c.strip()]
 
 
-def encode_hello(hello):
-    """The hello frame for a :class:`Hello` (ports and networks truncated to fit)."""
+def encode_hello(hello, secret=None, now_ms=None):
+    """The hello frame for a :class:`Hello` (ports and networks truncated to
+    fit); with ``secret`` (bytes) it is signed, see :data:`CAP_AUTH`."""
+    if secret:
+        hello = hello._replace(caps=hello.caps | CAP_AUTH)
     ports = list(hello.ports)[:255]
     nets = [ipaddress.IPv4Network(n) for n in list(hello.networks)[:MAX_HELLO_NETWORKS]]
     head = _HELLO.pack(
@@ -177,18 +189,37 @@ def encode_hello(hello):
     )  # fmt: skip
     body = struct.pack(f"!{len(ports)}H", *ports)
     body += b"".join(_NET.pack(n.network_address.packed, n.prefixlen) for n in nets)
-    return head + body
+    if not secret:
+        return head + body
+    stamp = int(time.time() * 1000) if now_ms is None else now_ms
+    signed = head + body + stamp.to_bytes(8, "big")
+    return signed + _mac(secret, signed)
 
 
-def decode_hello(data):
-    """The :class:`Hello` in a frame, or None if the frame is malformed."""
+def _mac(secret, data):
+    return hmac.new(secret, data, hashlib.sha256).digest()[:16]
+
+
+def decode_hello(data, secret=None):
+    """The :class:`Hello` in a frame, or None if the frame is malformed.
+
+    With ``secret``, ``authentic`` tells whether the frame was signed with
+    it; checking the time stamp's freshness is the caller's business.
+    """
     data = bytes(data)
     if len(data) < _HELLO.size:
         return None
     kind, magic, version, caps, mtu, digest, nports, nnets = _HELLO.unpack_from(data)
     if kind != HELLO or magic != HELLO_MAGIC:
         return None
-    if len(data) != _HELLO.size + 2 * nports + _NET.size * nnets:
+    size = _HELLO.size + 2 * nports + _NET.size * nnets
+    auth_ms, authentic = 0, False
+    if caps & CAP_AUTH:
+        if len(data) != size + _AUTH.size:
+            return None
+        auth_ms, mac = _AUTH.unpack_from(data, size)
+        authentic = bool(secret) and hmac.compare_digest(mac, _mac(secret, data[: size + 8]))
+    elif len(data) != size:
         return None
     ports = struct.unpack_from(f"!{nports}H", data, _HELLO.size)
     nets = []
@@ -199,7 +230,7 @@ def decode_hello(data):
         if prefix > 32:
             return None
         nets.append(str(ipaddress.IPv4Network((addr, prefix), strict=False)))
-    return Hello(version, caps, mtu, ports, digest, tuple(nets))
+    return Hello(version, caps, mtu, ports, digest, tuple(nets), auth_ms, authentic)
 
 
 def pairs_digest(pairs):

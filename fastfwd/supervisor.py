@@ -37,10 +37,11 @@ HEALTHY_AFTER_S = 30.0
 class Child:
     """One supervised process and how to start it again."""
 
-    def __init__(self, name, argv, pass_fds):
+    def __init__(self, name, argv, pass_fds, env=None):
         self.name = name
         self.argv = argv
         self.pass_fds = pass_fds
+        self.env = env
         self.proc = None
         self.started_at = 0.0
         self.restarts = 0
@@ -51,6 +52,7 @@ class Child:
             self.argv,
             pass_fds=self.pass_fds,
             stdin=subprocess.DEVNULL,
+            env=self.env,
             # Ctrl-C reaches only the supervisor, which stops children in order.
             process_group=0,
         )
@@ -73,8 +75,9 @@ class Supervisor:
     passed to the control process as its specification (JSON).
     """
 
-    def __init__(self, side, tun_name, tun_fds, udp_socks, control_args, loglevel, vnet_hdr=False):
+    def __init__(self, side, tun_name, tun_fds, udp_socks, control_args, loglevel, vnet_hdr=False, control_env=None):
         self.side = side
+        self.control_env = control_env or {}  # secrets: kept out of argv
         self.vnet_hdr = vnet_hdr
         self.tun_name = tun_name
         self.tun_fds = tun_fds
@@ -126,7 +129,8 @@ class Supervisor:
         fds += [self.sup_theirs.fileno(), self.stats_fd]
         fds += [ctl.fileno() for _, _, ctl, _ in self.channels]
         argv = [sys.executable, "-m", "control.process", "--spec", json.dumps(spec)]
-        return Child("control", argv, fds)
+        env = dict(os.environ, **self.control_env) if self.control_env else None
+        return Child("control", argv, fds, env)
 
     def _worker_child(self, role, queue, wrk_end):
         tun_fd = self.tun_fds[queue]

@@ -90,3 +90,15 @@ def test_split_bodies_keeps_each_body_under_64k_and_names_together():
 
 def test_split_bodies_of_a_small_set_is_one_body():
     assert frames.split_bodies([("connect", "a", "b")]) == [b"connect a b"]
+
+
+def test_signed_hello_is_authentic_only_with_the_same_secret():
+    hello = frames.Hello(1, frames.CAP_OFFLOAD, 1400, (40000,), 5, ("172.18.0.0/16",))
+    signed = frames.encode_hello(hello, b"a-secret-of-16-chars", now_ms=1234)
+    good = frames.decode_hello(signed, b"a-secret-of-16-chars")
+    assert good.authentic and good.auth_ms == 1234 and good.caps & frames.CAP_AUTH
+    assert not frames.decode_hello(signed, b"another-secret-of-16").authentic
+    assert not frames.decode_hello(signed).authentic
+    tampered = bytearray(signed)
+    tampered[9] ^= 1  # the MTU
+    assert not frames.decode_hello(bytes(tampered), b"a-secret-of-16-chars").authentic
