@@ -33,13 +33,30 @@ def build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = sub.add_parser("run", help="host side: TUN server routing the docker subnets")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
-    run.add_argument("--workers", help="worker count, N or auto (default: the workers directive, else 1)")
+    run.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default {DEFAULT_CONFIG})",
+    )
+    run.add_argument(
+        "--workers",
+        help="worker count, N or auto (default: the workers directive, else 1)",
+    )
     run.add_argument("--state", help="peer state file (overrides the state directive)")
     run.add_argument("--socket", help="control socket (overrides the socket directive)")
     run.add_argument("--dev", help="TUN device name (overrides the dev directive)")
-    run.add_argument("--loglevel", type=str.upper, choices=cfgmod.LOGLEVELS, help="log level (overrides the loglevel directive)")
-    run.add_argument("--offload", choices=("on", "off"), help="carry TCP super-packets whole with a fastfwd peer (overrides the offload directive)")
+    run.add_argument(
+        "--loglevel",
+        type=str.upper,
+        choices=cfgmod.LOGLEVELS,
+        help="log level (overrides the loglevel directive)",
+    )
+    run.add_argument(
+        "--offload",
+        choices=("on", "off"),
+        help="carry TCP super-packets whole with a fastfwd peer (overrides the offload directive)",
+    )
 
     con = sub.add_parser(
         "connect",
@@ -47,24 +64,86 @@ def build_parser():
         description="Flags keep the upstream container's names: -host, -port, -addr and -mtu "
         "work as well as --host, --port, --addr and --mtu.",
     )
-    con.add_argument("-host", "--host", default="host.docker.internal", help="host running `fastfwd run` (default host.docker.internal)")
-    con.add_argument("-port", "--port", type=int, default=cfgmod.DEFAULT_PORT, help="its UDP port (default 2511)")
-    con.add_argument("-addr", "--addr", default=cfgmod.DEFAULT_ADDR, help="tunnel address of this side, with prefix (default 192.168.251.1/24)")
-    con.add_argument("-mtu", "--mtu", type=int, default=cfgmod.DEFAULT_MTU, help="TUN MTU, same on both sides (default 1400)")
-    con.add_argument("--dev", default="fastfwd0", help="TUN device name (default fastfwd0)")
-    con.add_argument("--socket", default=VM_SOCKET, help=f"control socket (default {VM_SOCKET})")
-    con.add_argument("--workers", default="1", help="worker count, N or auto (default 1)")
-    con.add_argument("--no-firewall", action="store_true", help="leave iptables alone (no Docker rules, no connect/disconnect)")
-    con.add_argument("--offload", choices=("on", "off"), default="on", help="carry TCP super-packets whole when the host is fastfwd too (default on)")
-    con.add_argument("--secret-file", help="file holding the secret of the host's secret directive (or set FASTFWD_SECRET)")
-    con.add_argument("--loglevel", type=str.upper, choices=cfgmod.LOGLEVELS, default=logsetup.env_level().upper(), help="log level (default INFO)")
+    con.add_argument(
+        "-host",
+        "--host",
+        default="host.docker.internal",
+        help="host running `fastfwd run` (default host.docker.internal)",
+    )
+    con.add_argument(
+        "-port",
+        "--port",
+        type=int,
+        default=cfgmod.DEFAULT_PORT,
+        help="its UDP port (default 2511)",
+    )
+    con.add_argument(
+        "-addr",
+        "--addr",
+        default=cfgmod.DEFAULT_ADDR,
+        help="tunnel address of this side, with prefix (default 192.168.251.1/24)",
+    )
+    con.add_argument(
+        "-mtu",
+        "--mtu",
+        type=int,
+        default=cfgmod.DEFAULT_MTU,
+        help="TUN MTU, same on both sides (default 1400)",
+    )
+    con.add_argument(
+        "--dev", default="fastfwd0", help="TUN device name (default fastfwd0)"
+    )
+    con.add_argument(
+        "--socket", default=VM_SOCKET, help=f"control socket (default {VM_SOCKET})"
+    )
+    con.add_argument(
+        "--workers", default="1", help="worker count, N or auto (default 1)"
+    )
+    con.add_argument(
+        "--no-firewall",
+        action="store_true",
+        help="leave iptables alone (no Docker rules, no connect/disconnect)",
+    )
+    con.add_argument(
+        "--offload",
+        choices=("on", "off"),
+        default="on",
+        help="carry TCP super-packets whole when the host is fastfwd too (default on)",
+    )
+    con.add_argument(
+        "--secret-file",
+        help="file holding the secret of the host's secret directive (or set FASTFWD_SECRET)",
+    )
+    con.add_argument(
+        "--loglevel",
+        type=str.upper,
+        choices=cfgmod.LOGLEVELS,
+        default=logsetup.env_level().upper(),
+        help="log level (default INFO)",
+    )
 
-    cfg = sub.add_parser("config", help="add configuration lines to a running host side")
-    cfg.add_argument("lines", nargs="+", metavar="LINE", help='a directive, e.g. "route 172.20.0.0/16"')
-    cfg.add_argument("--socket", default=cfgmod.DEFAULT_SOCKET, help=f"control socket (default {cfgmod.DEFAULT_SOCKET})")
+    cfg = sub.add_parser(
+        "config", help="add configuration lines to a running host side"
+    )
+    cfg.add_argument(
+        "lines",
+        nargs="+",
+        metavar="LINE",
+        help='a directive, e.g. "route 172.20.0.0/16"',
+    )
+    cfg.add_argument(
+        "--socket",
+        default=cfgmod.DEFAULT_SOCKET,
+        help=f"control socket (default {cfgmod.DEFAULT_SOCKET})",
+    )
 
-    st = sub.add_parser("status", help="packets, drops, CPU and memory of a running instance")
-    st.add_argument("--socket", help=f"control socket (default {cfgmod.DEFAULT_SOCKET}, then {VM_SOCKET})")
+    st = sub.add_parser(
+        "status", help="packets, drops, CPU and memory of a running instance"
+    )
+    st.add_argument(
+        "--socket",
+        help=f"control socket (default {cfgmod.DEFAULT_SOCKET}, then {VM_SOCKET})",
+    )
     st.add_argument("--json", action="store_true", help="print JSON")
 
     tune = sub.add_parser(
@@ -74,12 +153,27 @@ def build_parser():
         "iperf3 probes through fastfwd in each mode and worker count, and recommends the "
         "workers and offload directives; --write appends them to a configuration file.",
     )
-    tune.add_argument("--seconds", type=int, default=3, help="length of each probe (default 3)")
-    tune.add_argument("--max-workers", type=int, help="largest worker count to try (default: usable CPUs)")
-    tune.add_argument("--write", metavar="CONF", help="append the recommendation to this configuration file")
+    tune.add_argument(
+        "--seconds", type=int, default=3, help="length of each probe (default 3)"
+    )
+    tune.add_argument(
+        "--max-workers",
+        type=int,
+        help="largest worker count to try (default: usable CPUs)",
+    )
+    tune.add_argument(
+        "--write",
+        metavar="CONF",
+        help="append the recommendation to this configuration file",
+    )
 
     chk = sub.add_parser("check", help="validate a configuration file")
-    chk.add_argument("-c", "--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})")
+    chk.add_argument(
+        "-c",
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"configuration file (default {DEFAULT_CONFIG})",
+    )
     return p
 
 
@@ -117,7 +211,9 @@ def cmd_run(args):
     try:
         cfg = cfgmod.parse(args.config)
     except ConfigError as exc:
-        raise ConfigError(f"not started: {args.config} is invalid", exc.problems) from exc
+        raise ConfigError(
+            f"not started: {args.config} is invalid", exc.problems
+        ) from exc
     overrides = {}
     for key in ("state", "socket", "dev", "loglevel"):
         value = getattr(args, key)
@@ -137,8 +233,14 @@ def cmd_run(args):
         for fd in tun_fds:
             os.close(fd)
         raise
-    control_args = {"config": os.path.abspath(args.config), "socket": cfg.socket, "overrides": overrides}
-    sup = Supervisor("host", name, tun_fds, socks, control_args, cfg.loglevel, vnet_hdr=vnet)
+    control_args = {
+        "config": os.path.abspath(args.config),
+        "socket": cfg.socket,
+        "overrides": overrides,
+    }
+    sup = Supervisor(
+        "host", name, tun_fds, socks, control_args, cfg.loglevel, vnet_hdr=vnet
+    )
     return asyncio.run(sup.run())
 
 
@@ -148,9 +250,13 @@ def cmd_connect(args):
             raise ValueError
         addr = ipaddress.IPv4Interface(args.addr)
     except ValueError:
-        raise ConfigError(f"-addr {args.addr!r} is not an IPv4 address with a prefix (e.g. 192.168.251.1/24)") from None
+        raise ConfigError(
+            f"-addr {args.addr!r} is not an IPv4 address with a prefix (e.g. 192.168.251.1/24)"
+        ) from None
     if not cfgmod.MIN_MTU <= args.mtu <= cfgmod.MAX_MTU:
-        raise ConfigError(f"-mtu {args.mtu} is outside {cfgmod.MIN_MTU}..{cfgmod.MAX_MTU}")
+        raise ConfigError(
+            f"-mtu {args.mtu} is outside {cfgmod.MIN_MTU}..{cfgmod.MAX_MTU}"
+        )
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"-port {args.port} is outside 1..65535")
     if not linux.valid_ifname(args.dev):
@@ -162,7 +268,9 @@ def cmd_connect(args):
             with open(args.secret_file, encoding="utf-8") as f:
                 secret_env["FASTFWD_SECRET"] = f.read().strip()
         except OSError as exc:
-            raise ConfigError(f"--secret-file {args.secret_file}: {exc.strerror}") from exc
+            raise ConfigError(
+                f"--secret-file {args.secret_file}: {exc.strerror}"
+            ) from exc
     secret = secret_env.get("FASTFWD_SECRET", os.environ.get("FASTFWD_SECRET", ""))
     if secret and len(secret) < 16:
         raise ConfigError("the secret must have at least 16 characters")
@@ -171,8 +279,12 @@ def cmd_connect(args):
         if linux.ensure_tun_node():
             print(f"fastfwd: created {linux.TUN_PATH}", file=sys.stderr)
     except OSError as exc:
-        raise FastfwdError(f"cannot create {linux.TUN_PATH}: {exc.strerror} (needs CAP_MKNOD or --device /dev/net/tun)") from exc
-    tun_fds, name, vnet = endpoints.open_tun(args.dev, workers, vnet_hdr=args.offload == "on")
+        raise FastfwdError(
+            f"cannot create {linux.TUN_PATH}: {exc.strerror} (needs CAP_MKNOD or --device /dev/net/tun)"
+        ) from exc
+    tun_fds, name, vnet = endpoints.open_tun(
+        args.dev, workers, vnet_hdr=args.offload == "on"
+    )
     try:
         socks = endpoints.dial_udp(workers)
     except TransportError:
@@ -183,7 +295,16 @@ def cmd_connect(args):
         "host": args.host, "port": args.port, "addr": str(addr), "mtu": args.mtu,
         "socket": args.socket, "firewall": not args.no_firewall,
     }  # fmt: skip
-    sup = Supervisor("vm", name, tun_fds, socks, control_args, args.loglevel.upper(), vnet_hdr=vnet, control_env=secret_env)
+    sup = Supervisor(
+        "vm",
+        name,
+        tun_fds,
+        socks,
+        control_args,
+        args.loglevel.upper(),
+        vnet_hdr=vnet,
+        control_env=secret_env,
+    )
     return asyncio.run(sup.run())
 
 
@@ -191,9 +312,13 @@ def _ask(path, payload):
     try:
         return localsock.request(path, payload)
     except FileNotFoundError:
-        raise FastfwdError(f"no running fastfwd at {path} (is it started? which --socket?)") from None
+        raise FastfwdError(
+            f"no running fastfwd at {path} (is it started? which --socket?)"
+        ) from None
     except PermissionError:
-        raise FastfwdError(f"cannot open {path}: permission denied (run as root)") from None
+        raise FastfwdError(
+            f"cannot open {path}: permission denied (run as root)"
+        ) from None
     except OSError as exc:
         raise FastfwdError(f"cannot reach {path}: {exc.strerror or exc}") from None
 
@@ -213,11 +338,27 @@ def cmd_status(args):
 
 
 def format_status(status):
-    lines = [f"side {status['side']}  tun {status['tun']}  uptime {status['uptime_s']}s"]
-    for key in ("address", "framing", "peer", "peer_silent_s", "host", "heartbeats", "routes", "refused_routes", "pairs", "pending_pairs", "control_pushes"):
+    lines = [
+        f"side {status['side']}  tun {status['tun']}  uptime {status['uptime_s']}s"
+    ]
+    for key in (
+        "address",
+        "framing",
+        "peer",
+        "peer_silent_s",
+        "host",
+        "heartbeats",
+        "routes",
+        "refused_routes",
+        "pairs",
+        "pending_pairs",
+        "control_pushes",
+    ):
         if key in status:
             lines.append(f"{key:15} {_plain(status[key])}")
-    lines.append(f"{'process':9} {'pid':>7} {'pkts_in':>10} {'pkts_out':>10} {'MB_out':>9} {'drops':>7} {'cpu_s':>7} {'pss_MB':>7} restarts")
+    lines.append(
+        f"{'process':9} {'pid':>7} {'pkts_in':>10} {'pkts_out':>10} {'MB_out':>9} {'drops':>7} {'cpu_s':>7} {'pss_MB':>7} restarts"
+    )
     for p in status["processes"]:
         c = p.get("counters", {})
         drops = sum(v for k, v in c.items() if k.startswith("drops_"))

@@ -39,7 +39,17 @@ _DOMAIN = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[a-z0-9_-]{1,63}(?<!
 _FIELDS = re.compile(r"[ \t]+")
 
 # Directives that need a restart of the host side to change.
-RESTART_ONLY = ("addr", "port", "host", "mtu", "workers", "state", "socket", "dev", "offload")
+RESTART_ONLY = (
+    "addr",
+    "port",
+    "host",
+    "mtu",
+    "workers",
+    "state",
+    "socket",
+    "dev",
+    "offload",
+)
 
 
 @dataclass(frozen=True)
@@ -162,14 +172,24 @@ def _apply(cfg, directive, args):
     if directive == "addr":
         _nargs(args, 1, 1, "addr CIDR")
         if "/" not in args[0]:
-            raise ValueError(f"addr {args[0]!r} needs a prefix length, e.g. {args[0]}/24")
+            raise ValueError(
+                f"addr {args[0]!r} needs a prefix length, e.g. {args[0]}/24"
+            )
         try:
             iface = ipaddress.IPv4Interface(args[0])
         except ValueError:
-            raise ValueError(f"addr {args[0]!r} is not an IPv4 address with a prefix") from None
+            raise ValueError(
+                f"addr {args[0]!r} is not an IPv4 address with a prefix"
+            ) from None
         net = iface.network
-        if iface.network.prefixlen > 30 or iface.ip + 1 not in net or iface.ip + 1 == net.broadcast_address:
-            raise ValueError(f"addr {args[0]}: the next address must fit in the network")
+        if (
+            iface.network.prefixlen > 30
+            or iface.ip + 1 not in net
+            or iface.ip + 1 == net.broadcast_address
+        ):
+            raise ValueError(
+                f"addr {args[0]}: the next address must fit in the network"
+            )
         if iface.ip == net.network_address:
             raise ValueError(f"addr {args[0]} is the network address")
         cfg.addr = iface
@@ -187,7 +207,9 @@ def _apply(cfg, directive, args):
         net = _network(args[0], "route")
         flags = set(args[1:])
         if not flags <= {"expose", "force"}:
-            raise ValueError(f"route: unknown option {sorted(flags - {'expose', 'force'})[0]!r}")
+            raise ValueError(
+                f"route: unknown option {sorted(flags - {'expose', 'force'})[0]!r}"
+            )
         if net.prefixlen == 0:
             raise ValueError("route 0.0.0.0/0 would take the default route")
         cfg.routes[net] = Route(net, "expose" in flags, "force" in flags)
@@ -215,7 +237,11 @@ def _apply(cfg, directive, args):
             raise ValueError(f"expose {args[0]!r}: expected ADDR:PORT")
         if len(args) == 2 and args[1] != "restart":
             raise ValueError(f"expose: unknown option {args[1]!r}")
-        cfg.expose = Expose(str(_ipv4(host or "0.0.0.0", "expose address")), _int(port, "expose port", 1, 65535), len(args) == 2)
+        cfg.expose = Expose(
+            str(_ipv4(host or "0.0.0.0", "expose address")),
+            _int(port, "expose port", 1, 65535),
+            len(args) == 2,
+        )
     elif directive == "token":
         _nargs(args, 2, 2, "token NAME IP")
         ip = _ipv4(args[1], "token IP")
@@ -240,14 +266,18 @@ def _apply(cfg, directive, args):
         if not 1 <= len(parts) <= 2:
             raise ValueError(f"proxy {args[0]!r}: expected [IP:]PORT[:LISTEN]")
         port = _int(parts[0], "proxy port", 1, 65535)
-        listen = _int(parts[1], "proxy listen port", 1, 65535) if len(parts) == 2 else port
+        listen = (
+            _int(parts[1], "proxy listen port", 1, 65535) if len(parts) == 2 else port
+        )
         cfg.proxies = [p for p in cfg.proxies if p.listen != listen]
         cfg.proxies.append(Proxy(ip, port, listen))
     elif directive == "loglevel":
         _nargs(args, 1, 1, "loglevel LEVEL")
         level = args[0].upper()
         if level not in LOGLEVELS:
-            raise ValueError(f"loglevel {args[0]!r}: expected one of {', '.join(LOGLEVELS)}")
+            raise ValueError(
+                f"loglevel {args[0]!r}: expected one of {', '.join(LOGLEVELS)}"
+            )
         cfg.loglevel = level
     elif directive in ("pong", "udp-config", "offload", "docker-routes"):
         _nargs(args, 1, 1, f"{directive} on|off")
@@ -270,7 +300,9 @@ def _apply(cfg, directive, args):
     elif directive == "dev":
         _nargs(args, 1, 1, "dev NAME")
         if not valid_ifname(args[0]):
-            raise ValueError(f"dev {args[0]!r} is not a valid interface name (1-15 characters)")
+            raise ValueError(
+                f"dev {args[0]!r} is not a valid interface name (1-15 characters)"
+            )
         cfg.dev = args[0]
     else:
         raise ValueError(f"unknown directive {directive!r}")
@@ -296,9 +328,7 @@ def parse_text(text, path="<config>", base=None):
             continue
         cfg.lines[directive.lower()] = number
     if problems:
-        raise ConfigError(
-            f"{path}: {len(problems)} invalid line(s)", problems
-        )
+        raise ConfigError(f"{path}: {len(problems)} invalid line(s)", problems)
     return cfg
 
 
@@ -308,22 +338,28 @@ def parse(path):
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise ConfigError(f"cannot read configuration {path}: {exc.strerror}", [(path, 0, f"cannot read: {exc.strerror}")]) from exc
+        raise ConfigError(
+            f"cannot read configuration {path}: {exc.strerror}",
+            [(path, 0, f"cannot read: {exc.strerror}")],
+        ) from exc
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}: not UTF-8 text", [(path, line, "not UTF-8 text")]) from exc
+        raise ConfigError(
+            f"{path}: not UTF-8 text", [(path, line, "not UTF-8 text")]
+        ) from exc
     return parse_text(text, path)
 
 
 def format_problems(problems):
     """Problems as ``FILE:LINE: reason`` lines (``FILE: reason`` for the
     whole file)."""
-    return [f"{p}:{n}: {reason}" if n else f"{p}: {reason}" for p, n, reason in problems]
+    return [
+        f"{p}:{n}: {reason}" if n else f"{p}: {reason}" for p, n, reason in problems
+    ]
 
 
 def restart_changes(old, new):
     """Restart-only directives whose value differs between two configs."""
     return [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
-

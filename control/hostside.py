@@ -65,7 +65,9 @@ class HostSide(Side):
         try:
             cfg = cfgmod.parse(path)
         except ConfigError as exc:
-            snapshot = self._snapshot_path(self.overrides.get("state") or _state_line(path))
+            snapshot = self._snapshot_path(
+                self.overrides.get("state") or _state_line(path)
+            )
             try:
                 with open(snapshot, encoding="utf-8") as f:
                     cfg = cfgmod.parse_text(f.read(), path)
@@ -99,7 +101,13 @@ class HostSide(Side):
     async def setup(self):
         self.nl = Netlink()
         prefixlen = self.cfg.addr.network.prefixlen
-        await self.nl.run(self.nl.configure_tun, self.tun_name, self.cfg.host_ip, prefixlen, self.cfg.mtu)
+        await self.nl.run(
+            self.nl.configure_tun,
+            self.tun_name,
+            self.cfg.host_ip,
+            prefixlen,
+            self.cfg.mtu,
+        )
         self.routes = await self.nl.run(RouteTable, self.nl, self.tun_name)
         added, _ = await self.reconcile_routes()
         log.info(
@@ -114,7 +122,9 @@ class HostSide(Side):
             self.on_peer_changed()
         if self.spec.get("config"):
             self.save_snapshot()
-            self.watch_task = self.loop.create_task(watch.run_watch(self.spec["config"], self.reload))
+            self.watch_task = self.loop.create_task(
+                watch.run_watch(self.spec["config"], self.reload)
+            )
 
     async def teardown(self):
         self.names.close()
@@ -173,7 +183,11 @@ class HostSide(Side):
         """IP packets from a stranger: a peer whose address changed under NAT
         while it kept sending (it sends no heartbeat then). Treated like a
         heartbeat: it can only take over from a peer that went silent."""
-        if src is not None and not self.secret and self.peer.heard(src, time.monotonic()):
+        if (
+            src is not None
+            and not self.secret
+            and self.peer.heard(src, time.monotonic())
+        ):
             self.on_peer_changed()
 
     @property
@@ -188,7 +202,10 @@ class HostSide(Side):
             self.rejected_hellos += 1
             log.debug("unsigned or wrongly signed hello ignored src=%s", src)
             return False
-        if abs(now_ms - hello.auth_ms) > HELLO_CLOCK_SKEW_MS or hello.auth_ms <= self.last_auth_ms:
+        if (
+            abs(now_ms - hello.auth_ms) > HELLO_CLOCK_SKEW_MS
+            or hello.auth_ms <= self.last_auth_ms
+        ):
             self.rejected_hellos += 1
             log.debug("stale or replayed hello ignored src=%s", src)
             return False
@@ -214,18 +231,34 @@ class HostSide(Side):
             log.debug("hello reply failed errno=%s", exc.errno)
         if hello.mtu != self.cfg.mtu and self.mtu_warned != (src, hello.mtu):
             self.mtu_warned = (src, hello.mtu)
-            log.warning("mtu mismatch peer=%s:%d peer_mtu=%d our_mtu=%d: set the same -mtu on both sides", src[0], src[1], hello.mtu, self.cfg.mtu)
+            log.warning(
+                "mtu mismatch peer=%s:%d peer_mtu=%d our_mtu=%d: set the same -mtu on both sides",
+                src[0],
+                src[1],
+                hello.mtu,
+                self.cfg.mtu,
+            )
         old = self.peer_hello
         self.peer_hello, self.peer_hello_at = hello, now
         if old is None or (old.caps, old.ports) != (hello.caps, hello.ports):
-            log.info("peer is fastfwd version=%d caps=%#x ports=%d", hello.version, hello.caps, len(hello.ports))
+            log.info(
+                "peer is fastfwd version=%d caps=%#x ports=%d",
+                hello.version,
+                hello.caps,
+                len(hello.ports),
+            )
             self.send_peer()
-        if hello.caps & frames.CAP_RESET_PAIRS and hello.pairs_digest != self.pairs_digest():
+        if (
+            hello.caps & frames.CAP_RESET_PAIRS
+            and hello.pairs_digest != self.pairs_digest()
+        ):
             # The VM side's pairs differ from ours (a lost datagram, a
             # restart): send the whole set again.
             self.push_controls()
         if old is None or old.networks != hello.networks:
-            self.docker_networks = set(hello.networks) if hello.caps & frames.CAP_NETWORKS else set()
+            self.docker_networks = (
+                set(hello.networks) if hello.caps & frames.CAP_NETWORKS else set()
+            )
             if self.cfg.docker_routes:
                 self.loop.create_task(self.reconcile_routes())
 
@@ -247,7 +280,11 @@ class HostSide(Side):
         if framing != self.framing:
             log.info("framing changed peer=%s:%d framing=%s", peer[0], peer[1], framing)
             self.framing = framing
-        self.to_workers(messages.pack(messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing))
+        self.to_workers(
+            messages.pack(
+                messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing
+            )
+        )
 
     def on_worker_started(self, role, queue):
         self.send_peer()
@@ -269,7 +306,9 @@ class HostSide(Side):
             self._next_route_check = now + ROUTE_CHECK_S
             added, _ = await self.reconcile_routes()
             if added:
-                log.warning("routes restored dev=%s count=%d", self.tun_name, len(added))
+                log.warning(
+                    "routes restored dev=%s count=%d", self.tun_name, len(added)
+                )
 
     def wanted_routes(self):
         """``route`` lines, plus the VM side's bridge networks with
@@ -296,9 +335,14 @@ class HostSide(Side):
         """
         connected = [("connect", a, b) for a, b in self.cfg.connected_pairs()]
         names = self.names.commands()  # the whole name table, every time
-        if self.peer_hello is not None and self.peer_hello.caps & frames.CAP_RESET_PAIRS:
+        if (
+            self.peer_hello is not None
+            and self.peer_hello.caps & frames.CAP_RESET_PAIRS
+        ):
             return [("reset-pairs",), *connected, *names]
-        gone = {tuple(sorted(p)) for p in self.cfg.disconnected_pairs()} | self.gone_pairs
+        gone = {
+            tuple(sorted(p)) for p in self.cfg.disconnected_pairs()
+        } | self.gone_pairs
         return connected + [("disconnect", a, b) for a, b in sorted(gone)] + names
 
     def pairs_digest(self):
@@ -324,7 +368,12 @@ class HostSide(Side):
                 try:
                     sock.sendto(datagram, peer)
                 except OSError as exc:
-                    log.warning("control push failed peer=%s:%d errno=%s", peer[0], peer[1], exc.errno)
+                    log.warning(
+                        "control push failed peer=%s:%d errno=%s",
+                        peer[0],
+                        peer[1],
+                        exc.errno,
+                    )
                     return
         self.pushes += 1
         log.info(
@@ -341,7 +390,9 @@ class HostSide(Side):
             return
         log.info("udp config line accepted src=%s:%d", src[0], src[1])
         try:
-            new = cfgmod.parse_text(text.decode("utf-8", errors="replace"), "<udp>", base=self.cfg)
+            new = cfgmod.parse_text(
+                text.decode("utf-8", errors="replace"), "<udp>", base=self.cfg
+            )
         except ConfigError as exc:
             for line in cfgmod.format_problems(exc.problems):
                 log.error("configuration rejected %s", line)
@@ -379,7 +430,12 @@ class HostSide(Side):
         old = self.cfg
         changed = cfgmod.restart_changes(old, new)
         for name in changed:
-            log.warning("restart needed directive=%s running=%s file=%s", name, getattr(old, name), getattr(new, name))
+            log.warning(
+                "restart needed directive=%s running=%s file=%s",
+                name,
+                getattr(old, name),
+                getattr(new, name),
+            )
             setattr(new, name, getattr(old, name))
         self.cfg = new
         added, removed = await self.reconcile_routes()
@@ -394,21 +450,41 @@ class HostSide(Side):
             self.push_controls()
         if old.proxies != new.proxies or self.proxies.failed:
             await self.proxies.apply(new.proxies)  # also retries failed lines
-        log.info("configuration changed routes_added=%d routes_removed=%d", len(added), len(removed))
+        log.info(
+            "configuration changed routes_added=%d routes_removed=%d",
+            len(added),
+            len(removed),
+        )
 
     async def on_local_request(self, request):
         if request.get("op") != "config":
             return await super().on_local_request(request)
         lines = request.get("lines")
-        if not isinstance(lines, list) or not all(isinstance(x, str) and "\n" not in x for x in lines):
-            return {"ok": False, "code": "bad_request", "error": "lines must be a list of single-line strings"}
+        if not isinstance(lines, list) or not all(
+            isinstance(x, str) and "\n" not in x for x in lines
+        ):
+            return {
+                "ok": False,
+                "code": "bad_request",
+                "error": "lines must be a list of single-line strings",
+            }
         text = "\n".join(lines)
         try:
             new = cfgmod.parse_text(text, "<config>", base=self.cfg)
         except ConfigError as exc:
-            return {"ok": False, "code": "invalid_config", "error": "configuration unchanged", "problems": cfgmod.format_problems(exc.problems)}
+            return {
+                "ok": False,
+                "code": "invalid_config",
+                "error": "configuration unchanged",
+                "problems": cfgmod.format_problems(exc.problems),
+            }
         restart = cfgmod.restart_changes(self.cfg, new)
-        await self.apply(new, push=any(line.split()[:1] == ["iptables"] for line in text.lower().split("\n")))
+        await self.apply(
+            new,
+            push=any(
+                line.split()[:1] == ["iptables"] for line in text.lower().split("\n")
+            ),
+        )
         warnings = [f"{name} takes effect at the next restart" for name in restart]
         given = cfgmod.parse_text(text, "<config>").routes
         for net, reason in self.routes.refused.items():
@@ -432,7 +508,9 @@ class HostSide(Side):
         peer = self.peer.peer
         out.update(
             peer=None if peer is None else f"{peer[0]}:{peer[1]}",
-            peer_silent_s=None if peer is None else round(time.monotonic() - self.peer.last_heard, 1),
+            peer_silent_s=None
+            if peer is None
+            else round(time.monotonic() - self.peer.last_heard, 1),
             routes=sorted(str(n) for n in owned),
             refused_routes={str(k): v for k, v in self.routes.refused.items()},
             control_pushes=self.pushes,
@@ -456,7 +534,11 @@ def _state_line(path):
         with open(path, encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split("#", 1)[0].split()
-                if len(fields) == 2 and fields[0] == "state" and os.path.isabs(fields[1]):
+                if (
+                    len(fields) == 2
+                    and fields[0] == "state"
+                    and os.path.isabs(fields[1])
+                ):
                     found = fields[1]
     except OSError:
         pass

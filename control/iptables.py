@@ -32,7 +32,9 @@ def detect_backend():
             continue
         if binary == "iptables-legacy" and not _legacy_tables_exist():
             continue
-        res = subprocess.run([binary, "-w", WAIT_S, "-S"], capture_output=True, text=True)
+        res = subprocess.run(
+            [binary, "-w", WAIT_S, "-S"], capture_output=True, text=True
+        )
         if res.returncode == 0 and "-N DOCKER" in res.stdout:
             return binary
     if shutil.which("iptables") is None:
@@ -64,7 +66,12 @@ class Iptables:
         return self._run("-t", table, "-S", chain, check=False).returncode == 0
 
     def exists(self, table, chain, rule):
-        return self._run("-t", table, "-C", chain, *self._spec(rule), check=False).returncode == 0
+        return (
+            self._run(
+                "-t", table, "-C", chain, *self._spec(rule), check=False
+            ).returncode
+            == 0
+        )
 
     def insert(self, table, chain, rule, position=1):
         """Insert ``rule`` at ``position`` unless it is already there."""
@@ -109,7 +116,7 @@ def _legacy_tables_exist():
 
 
 def _has_mark(line, mark):
-    return f'--comment {mark}' in line or f'--comment "{mark}"' in line
+    return f"--comment {mark}" in line or f'--comment "{mark}"' in line
 
 
 def _unquote(args):

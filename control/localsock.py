@@ -34,13 +34,21 @@ async def serve(path, handler):
                 if not isinstance(request, dict):
                     raise ValueError("not an object")
             except ValueError as exc:
-                reply = {"ok": False, "code": "bad_request", "error": f"bad request: {exc}"}
+                reply = {
+                    "ok": False,
+                    "code": "bad_request",
+                    "error": f"bad request: {exc}",
+                }
             else:
                 try:
                     reply = await handler(request)
                 except Exception as exc:
                     log.exception("request failed op=%s", request.get("op"))
-                    reply = {"ok": False, "code": "internal", "error": f"request failed: {exc}"}
+                    reply = {
+                        "ok": False,
+                        "code": "internal",
+                        "error": f"request failed: {exc}",
+                    }
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -50,7 +58,9 @@ async def serve(path, handler):
 
     old = os.umask(0o177)
     try:
-        server = await asyncio.start_unix_server(on_client, path, limit=MAX_REQUEST_BYTES)
+        server = await asyncio.start_unix_server(
+            on_client, path, limit=MAX_REQUEST_BYTES
+        )
     finally:
         os.umask(old)
     os.chmod(path, 0o600)

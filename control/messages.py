@@ -20,7 +20,9 @@ CONTROL_BODY = "control_body"  # body: bytes (VM side: a whole control body)
 UNKNOWN_SOURCE = "unknown_source"  # src: [host, port] sent IP packets (throttled)
 
 # supervisor <-> control
-CHILD_STARTED = "child_started"  # role: str ("control" too), queue: int, pid: int, restarts: int
+CHILD_STARTED = (
+    "child_started"  # role: str ("control" too), queue: int, pid: int, restarts: int
+)
 READY = "ready"  # control finished its set-up
 FATAL = "fatal"  # reason: str; control could not set up and will exit
 SHUTDOWN = "shutdown"  # supervisor asks control to undo everything and exit

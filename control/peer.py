@@ -131,7 +131,9 @@ class PeerTracker:
                 json.dump({"peer": list(self.peer)}, f)
             os.replace(tmp, self.state_path)
         except OSError as exc:
-            log.warning("state file not written path=%s errno=%s", self.state_path, exc.errno)
+            log.warning(
+                "state file not written path=%s errno=%s", self.state_path, exc.errno
+            )
 
 
 def _fmt(addr):

@@ -81,7 +81,9 @@ class Side:
             try:
                 self._dispatch(msg, who)
             except Exception:
-                log.exception("message handling failed from=%s op=%s", who, msg.get("op"))
+                log.exception(
+                    "message handling failed from=%s op=%s", who, msg.get("op")
+                )
 
     def _dispatch(self, msg, who):
         op = msg["op"]
@@ -109,7 +111,9 @@ class Side:
                 try:
                     chan.send(packed)
                 except OSError as exc:
-                    log.warning("worker channel full, message dropped errno=%s", exc.errno)
+                    log.warning(
+                        "worker channel full, message dropped errno=%s", exc.errno
+                    )
 
     def to_supervisor(self, packed):
         self.sup.send(packed)
@@ -122,7 +126,8 @@ class Side:
 
     def slots(self, role):
         return [
-            self.counters.read(st.slot_index(role, q)) for q in range(self.spec["workers"])
+            self.counters.read(st.slot_index(role, q))
+            for q in range(self.spec["workers"])
         ]
 
     def latest(self, role, field):
@@ -135,18 +140,33 @@ class Side:
         procs = []
         for name in sorted(self.pids):
             role = "reader" if name.startswith("reader") else "writer"
-            queue = int(name[len(role):])
-            entry = {"name": name, "pid": self.pids[name], "restarts": self.restarts.get(name, 0)}
+            queue = int(name[len(role) :])
+            entry = {
+                "name": name,
+                "pid": self.pids[name],
+                "restarts": self.restarts.get(name, 0),
+            }
             entry["counters"] = {
-                k: v for k, v in self.counters.read(st.slot_index(role, queue)).items()
+                k: v
+                for k, v in self.counters.read(st.slot_index(role, queue)).items()
                 if not k.startswith("last_")
             }
             entry.update(_usage(self.pids[name]))
             procs.append(entry)
-        control = {"name": "control", "pid": os.getpid(), "counters": {}, "restarts": self.restarts.get("control", 0)}
+        control = {
+            "name": "control",
+            "pid": os.getpid(),
+            "counters": {},
+            "restarts": self.restarts.get("control", 0),
+        }
         control.update(_usage(os.getpid()))
         procs.insert(0, control)
-        return {"side": self.name, "tun": self.tun_name, "uptime_s": round(time.time() - self.started_at, 1), "processes": procs}
+        return {
+            "side": self.name,
+            "tun": self.tun_name,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "processes": procs,
+        }
 
     # subclass hooks
 
@@ -180,7 +200,11 @@ class Side:
     async def on_local_request(self, request):
         if request.get("op") == "status":
             return {"ok": True, "status": await self.status()}
-        return {"ok": False, "code": "unknown_op", "error": f"unknown request {request.get('op')!r}"}
+        return {
+            "ok": False,
+            "code": "unknown_op",
+            "error": f"unknown request {request.get('op')!r}",
+        }
 
     async def run_ticks(self):
         while True:
@@ -201,7 +225,11 @@ def _usage(pid):
             pss = p.memory_full_info().pss
         except (psutil.AccessDenied, AttributeError):
             pss = None
-        return {"cpu_s": round(cpu.user + cpu.system, 2), "rss_bytes": mem.rss, "pss_bytes": pss}
+        return {
+            "cpu_s": round(cpu.user + cpu.system, 2),
+            "rss_bytes": mem.rss,
+            "pss_bytes": pss,
+        }
     except psutil.Error:
         return {}
 
@@ -239,12 +267,18 @@ async def run_control(spec):
         await side.setup()
     except FastfwdError as exc:
         log.error("set-up failed reason=%s", exc)
-        side.to_supervisor(messages.pack(messages.FATAL, reason=str(exc), exit_code=exc.exit_code))
+        side.to_supervisor(
+            messages.pack(messages.FATAL, reason=str(exc), exit_code=exc.exit_code)
+        )
         await side.cleanup()
         return exc.exit_code
     except Exception as exc:
         log.exception("set-up failed")
-        side.to_supervisor(messages.pack(messages.FATAL, reason=f"set-up failed: {exc}", exit_code=EXIT_SETUP))
+        side.to_supervisor(
+            messages.pack(
+                messages.FATAL, reason=f"set-up failed: {exc}", exit_code=EXIT_SETUP
+            )
+        )
         await side.cleanup()
         return EXIT_SETUP
     loop.add_signal_handler(signal.SIGHUP, side.on_sighup)
@@ -270,7 +304,10 @@ def main(argv=None):
     spec = json.loads(args.spec)
     linux.die_with_parent(spec["parent"])
     linux.set_process_name("fastfwd-control")
-    logsetup.setup("control" if not spec.get("cleanup_only") else "cleanup", spec.get("loglevel", "INFO"))
+    logsetup.setup(
+        "control" if not spec.get("cleanup_only") else "cleanup",
+        spec.get("loglevel", "INFO"),
+    )
     code = uvloop.run(run_control(spec))
     sys.stdout.flush()
     os._exit(code)

@@ -69,7 +69,9 @@ class Netlink:
             except NetlinkError as exc:
                 log.debug("gso_max_size not set dev=%s reason=%s", ifname, _reason(exc))
             try:
-                self.ipr.addr("add", index=index, address=str(address), prefixlen=prefixlen)
+                self.ipr.addr(
+                    "add", index=index, address=str(address), prefixlen=prefixlen
+                )
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise
@@ -163,7 +165,9 @@ class RouteTable:
                 refused[net] = reason
         for net, reason in refused.items():
             if self.refused.get(net) != reason:
-                log.error("route refused dst=%s dev=%s reason=%s", net, self.ifname, reason)
+                log.error(
+                    "route refused dst=%s dev=%s reason=%s", net, self.ifname, reason
+                )
         self.refused = refused
         return added, removed
 
@@ -181,7 +185,9 @@ class RouteTable:
             self.nl.ipr.route("del", dst=str(net), oif=self.index, proto=RTPROT_FASTFWD)
         except NetlinkError as exc:
             if exc.code not in (errno.ESRCH, errno.ENODEV):
-                raise RouteConflict(f"cannot remove route {net}: {_reason(exc)}") from exc
+                raise RouteConflict(
+                    f"cannot remove route {net}: {_reason(exc)}"
+                ) from exc
 
     def remove_all(self):
         """Delete every route fastfwd made on the device."""

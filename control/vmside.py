@@ -69,11 +69,24 @@ class VmSide(Side):
 
     async def setup(self):
         self.nl = Netlink()
-        await self.nl.run(self.nl.configure_tun, self.tun_name, self.addr.ip, self.addr.network.prefixlen, self.mtu)
+        await self.nl.run(
+            self.nl.configure_tun,
+            self.tun_name,
+            self.addr.ip,
+            self.addr.network.prefixlen,
+            self.mtu,
+        )
         if self.firewall:
             await self.nl.run(self.setup_firewall)
         self.check_ip_forward()
-        log.info("tunnel up dev=%s addr=%s mtu=%d host=%s:%d", self.tun_name, self.addr, self.mtu, self.host, self.port)
+        log.info(
+            "tunnel up dev=%s addr=%s mtu=%d host=%s:%d",
+            self.tun_name,
+            self.addr,
+            self.mtu,
+            self.host,
+            self.port,
+        )
         self.resolve_task = self.loop.create_task(self.run_resolver())
 
     async def teardown(self):
@@ -123,7 +136,11 @@ class VmSide(Side):
             # Docker >= 28 drops packets to containers that arrive from a
             # non-bridge interface in raw PREROUTING, before any filter rule.
             self.ipt.insert("raw", "PREROUTING", ["-i", tun, "-j", "ACCEPT"])
-            self.forward_chain = "DOCKER-USER" if self.ipt.has_chain("filter", "DOCKER-USER") else "FORWARD"
+            self.forward_chain = (
+                "DOCKER-USER"
+                if self.ipt.has_chain("filter", "DOCKER-USER")
+                else "FORWARD"
+            )
             self.ipt.insert("filter", self.forward_chain, ["-i", tun, "-j", "ACCEPT"])
             self.ipt.insert("filter", self.forward_chain, ["-o", tun, "-j", "ACCEPT"])
             for direction in ("-i", "-o"):
@@ -144,14 +161,18 @@ class VmSide(Side):
             return
         marker = self.ip_forward_marker
         if value != "1":
-            log.warning("ip_forward was off, turned on for the tunnel path=%s", IP_FORWARD)
+            log.warning(
+                "ip_forward was off, turned on for the tunnel path=%s", IP_FORWARD
+            )
             # Remembered on disk: a restarted control process must still
             # restore it on exit.
             try:
                 os.makedirs(os.path.dirname(marker), mode=0o700, exist_ok=True)
                 _write(marker, value)
             except OSError as exc:
-                log.warning("ip_forward marker not written path=%s errno=%s", marker, exc.errno)
+                log.warning(
+                    "ip_forward marker not written path=%s errno=%s", marker, exc.errno
+                )
             _write(IP_FORWARD, "1")
 
     # host
@@ -161,20 +182,34 @@ class VmSide(Side):
         failures = 0
         while True:
             try:
-                infos = await self.loop.getaddrinfo(self.host, self.port, family=socket.AF_INET, type=socket.SOCK_DGRAM)
+                infos = await self.loop.getaddrinfo(
+                    self.host, self.port, family=socket.AF_INET, type=socket.SOCK_DGRAM
+                )
                 addr = infos[0][4][:2]
             except (OSError, socket.gaierror) as exc:
                 delay = RESOLVE_BACKOFF_S[min(failures, len(RESOLVE_BACKOFF_S) - 1)]
                 failures += 1
-                level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG
-                log.log(level, "host unresolvable host=%s reason=%s retry_in_s=%.0f", self.host, exc, delay)
+                level = (
+                    logging.WARNING
+                    if failures in (1, 10) or failures % 100 == 0
+                    else logging.DEBUG
+                )
+                log.log(
+                    level,
+                    "host unresolvable host=%s reason=%s retry_in_s=%.0f",
+                    self.host,
+                    exc,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             failures = 0
             if addr != self.host_addr:
                 self.connect(addr)
             await asyncio.sleep(RESOLVE_BACKOFF_S[-1])
-            while time.monotonic() - self.latest("writer", "last_in_ns") < SILENT_HOST_S:
+            while (
+                time.monotonic() - self.latest("writer", "last_in_ns") < SILENT_HOST_S
+            ):
                 await asyncio.sleep(RESOLVE_BACKOFF_S[-1])
 
     def connect(self, addr):
@@ -184,7 +219,9 @@ class VmSide(Side):
             for sock in self.socks:
                 sock.connect(addr)
         except OSError as exc:
-            log.warning("host unreachable addr=%s:%d errno=%s", addr[0], addr[1], exc.errno)
+            log.warning(
+                "host unreachable addr=%s:%d errno=%s", addr[0], addr[1], exc.errno
+            )
             return
         old, self.host_addr = self.host_addr, tuple(addr)
         log.info("host connected addr=%s:%d previous=%s", addr[0], addr[1], old)
@@ -214,7 +251,11 @@ class VmSide(Side):
 
     def on_frame(self, src, data):
         if not data or data[0] != frames.HELLO:
-            log.debug("frame from host ignored type=%d bytes=%d", data[0] if data else -1, len(data))
+            log.debug(
+                "frame from host ignored type=%d bytes=%d",
+                data[0] if data else -1,
+                len(data),
+            )
             return
         hello = frames.decode_hello(data, self.secret)
         if hello is None:
@@ -225,7 +266,11 @@ class VmSide(Side):
         now = time.monotonic()
         if hello.mtu != self.mtu and self.mtu_warned != hello.mtu:
             self.mtu_warned = hello.mtu
-            log.warning("mtu mismatch host_mtu=%d our_mtu=%d: set the same mtu on both sides", hello.mtu, self.mtu)
+            log.warning(
+                "mtu mismatch host_mtu=%d our_mtu=%d: set the same mtu on both sides",
+                hello.mtu,
+                self.mtu,
+            )
         old = self.host_hello
         changed = old is None or old[:4] != hello[:4]
         self.host_hello, self.host_hello_at = hello, now
@@ -234,13 +279,21 @@ class VmSide(Side):
             self.send_framing()
 
     def send_framing(self):
-        offload = self.vnet_hdr and self.host_hello is not None and self.host_hello.caps & frames.CAP_OFFLOAD
+        offload = (
+            self.vnet_hdr
+            and self.host_hello is not None
+            and self.host_hello.caps & frames.CAP_OFFLOAD
+        )
         framing = "offload" if offload else "compat"
         if framing != self.framing:
             log.info("framing changed framing=%s", framing)
             self.framing = framing
         addrs = [self.host_addr] if self.host_addr else []
-        self.to_workers(messages.pack(messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing))
+        self.to_workers(
+            messages.pack(
+                messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing
+            )
+        )
 
     def on_worker_started(self, role, queue):
         self.send_framing()
@@ -268,7 +321,10 @@ class VmSide(Side):
             self._next_network_scan = now + NETWORK_SCAN_S
             networks = await self.nl.run(self.bridge_networks)
             if networks != self.networks:
-                log.info("bridge networks changed networks=%s", ",".join(sorted(networks)) or "none")
+                log.info(
+                    "bridge networks changed networks=%s",
+                    ",".join(sorted(networks)) or "none",
+                )
                 self.networks = networks
                 if self.host_addr is not None:
                     self.send_hello(now)
@@ -291,10 +347,15 @@ class VmSide(Side):
                 try:
                     pair = tuple(sorted(str(ipaddress.IPv4Address(a)) for a in args))
                 except ValueError:
-                    log.warning("control command ignored command=%s reason=bad address", verb)
+                    log.warning(
+                        "control command ignored command=%s reason=bad address", verb
+                    )
                     continue
                 if pair[0] == pair[1]:
-                    log.warning("control command ignored command=%s reason=same subnet twice", verb)
+                    log.warning(
+                        "control command ignored command=%s reason=same subnet twice",
+                        verb,
+                    )
                 elif verb == "connect":
                     self.pairs.add(pair)
                 else:
@@ -310,18 +371,32 @@ class VmSide(Side):
         """IPv4 networks on the Linux bridges here: the docker networks
         (netlink thread only)."""
         links = self.nl.ipr.get_links()
-        bridges = {link["index"] for link in links if link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "bridge"}
+        bridges = {
+            link["index"]
+            for link in links
+            if link.get(("IFLA_LINKINFO", "IFLA_INFO_KIND")) == "bridge"
+        }
         out = set()
         for msg in self.nl.ipr.get_addr(family=socket.AF_INET):
             if msg["index"] in bridges:
-                out.add(str(ipaddress.IPv4Interface(f"{msg.get('address')}/{msg['prefixlen']}").network))
+                out.add(
+                    str(
+                        ipaddress.IPv4Interface(
+                            f"{msg.get('address')}/{msg['prefixlen']}"
+                        ).network
+                    )
+                )
         return out
 
     def bridge_of(self, subnet_address):
         """``(ifname, network)`` of the interface holding ``subnet_address``."""
         ip = ipaddress.IPv4Address(subnet_address)
         for name, iface in self.nl.ipv4_addresses():
-            if name != self.tun_name and ip in iface.network and not iface.ip.is_loopback:
+            if (
+                name != self.tun_name
+                and ip in iface.network
+                and not iface.ip.is_loopback
+            ):
                 return name, iface.network
         return None
 
@@ -363,7 +438,9 @@ class VmSide(Side):
                 for table, chain, rule in rules:
                     self.ipt.insert(table, chain, rule)
             except ipt.IptablesError as exc:
-                log.error("subnets not connected a=%s b=%s reason=%s", pair[0], pair[1], exc)
+                log.error(
+                    "subnets not connected a=%s b=%s reason=%s", pair[0], pair[1], exc
+                )
                 continue
             self.applied[pair] = rules
             log.info("subnets connected a=%s b=%s", *pair)
@@ -371,7 +448,9 @@ class VmSide(Side):
     async def status(self):
         out = await super().status()
         out.update(
-            host=None if self.host_addr is None else f"{self.host_addr[0]}:{self.host_addr[1]}",
+            host=None
+            if self.host_addr is None
+            else f"{self.host_addr[0]}:{self.host_addr[1]}",
             framing=self.framing,
             heartbeats=self.heartbeats,
             pairs=sorted(" ".join(p) for p in self.applied),

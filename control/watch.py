@@ -52,14 +52,20 @@ async def run_watch(path, on_change, stop_event=None, what="configuration file")
             await asyncio.sleep(1.0)
             continue
         async for changes in watchfiles.awatch(
-            *watched, debounce=DEBOUNCE_MS, step=50, recursive=False, stop_event=stop_event
+            *watched,
+            debounce=DEBOUNCE_MS,
+            step=50,
+            recursive=False,
+            stop_event=stop_event,
         ):
             if not {os.path.abspath(p) for _, p in changes} & names:
                 continue
             current = digest(path)
             if current is None:
                 if not missing_warned:
-                    log.warning("%s missing, running configuration kept path=%s", what, path)
+                    log.warning(
+                        "%s missing, running configuration kept path=%s", what, path
+                    )
                     missing_warned = True
                 continue
             missing_warned = False

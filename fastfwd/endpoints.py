@@ -106,8 +106,14 @@ def bind_udp(host, port, count=1):
     except OSError as exc:
         for sock in socks:
             sock.close()
-        hint = " (another fastfwd or connector running?)" if exc.errno == errno.EADDRINUSE else ""
-        raise TransportError(f"cannot listen on UDP {host}:{port}: {exc.strerror}{hint}") from exc
+        hint = (
+            " (another fastfwd or connector running?)"
+            if exc.errno == errno.EADDRINUSE
+            else ""
+        )
+        raise TransportError(
+            f"cannot listen on UDP {host}:{port}: {exc.strerror}{hint}"
+        ) from exc
     return socks
 
 

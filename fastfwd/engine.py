@@ -80,7 +80,9 @@ class Reader:
     and counted, since a compatible peer cannot take it.
     """
 
-    def __init__(self, loop, tun_fd, sock, counters, *, connected, vnet_hdr=False, gso=False):
+    def __init__(
+        self, loop, tun_fd, sock, counters, *, connected, vnet_hdr=False, gso=False
+    ):
         self._loop = loop
         self._tun_fd = tun_fd
         # A raw FileIO returns None instead of raising when the fd would block.
@@ -256,7 +258,12 @@ class Reader:
             self._pause(view, start, end, seg if count > 1 else 0)
             return False
         except OSError as exc:
-            if count > 1 and exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+            if count > 1 and exc.errno in (
+                errno.EINVAL,
+                errno.EIO,
+                errno.ENOPROTOOPT,
+                errno.EOPNOTSUPP,
+            ):
                 # LIMIT: the kernel or the egress device cannot segment UDP
                 # (needs Linux >= 4.18 and checksum offload); this run goes
                 # out packet by packet and batching stays off.
@@ -264,7 +271,9 @@ class Reader:
                 for i in range(start, end, seg):
                     self._send_run(i, min(i + seg, end), seg, 1)
                 return True
-            self._c[st.DROPS_NO_PEER if exc.errno in _NOT_CONNECTED else st.DROPS_IO] += count
+            self._c[
+                st.DROPS_NO_PEER if exc.errno in _NOT_CONNECTED else st.DROPS_IO
+            ] += count
             return True
         self._c[st.PKTS_OUT] += count
         self._c[st.BYTES_OUT] += end - start
@@ -324,7 +333,9 @@ class Writer:
     an OFFLOAD frame as ``buf[11:]``, its own header followed by the packet.
     """
 
-    def __init__(self, loop, tun_fd, sock, counters, channel, *, connected, vnet_hdr=False):
+    def __init__(
+        self, loop, tun_fd, sock, counters, channel, *, connected, vnet_hdr=False
+    ):
         self._loop = loop
         self._tun_fd = tun_fd
         self._sock = sock
@@ -359,7 +370,13 @@ class Writer:
         self._peers = frozenset(addrs)
 
     def _on_udp_readable(self):
-        buf, view, rx, off, tun_fd = self._buf, self._view, self._rx, self._off, self._tun_fd
+        buf, view, rx, off, tun_fd = (
+            self._buf,
+            self._view,
+            self._rx,
+            self._off,
+            self._tun_fd,
+        )
         write = os.write
         peers = self._peers
         recvfrom_into, recvmsg_into = self._sock.recvfrom_into, self._sock.recvmsg_into
@@ -372,7 +389,9 @@ class Writer:
                 # control process connects the socket, anyone may send.
                 if gro:
                     n, anc, _, src = recvmsg_into(rx_list, _GRO_CMSG_BYTES)
-                    if anc and n > (seg := int.from_bytes(anc[0][2][:2], sys.byteorder)):
+                    if anc and n > (
+                        seg := int.from_bytes(anc[0][2][:2], sys.byteorder)
+                    ):
                         # Several datagrams of seg bytes, taken as one run.
                         got, got_bytes, runs = self._write_run(n, src, seg)
                         received += runs
@@ -435,8 +454,11 @@ class Writer:
             if i:
                 rx[0:size] = rx[i : i + size]
             first = rx[0]
-            if src in self._peers and size >= MIN_PACKET_BYTES and self._body is None and (
-                first >> 4 == 4 or first >> 4 == 6
+            if (
+                src in self._peers
+                and size >= MIN_PACKET_BYTES
+                and self._body is None
+                and (first >> 4 == 4 or first >> 4 == 6)
             ):
                 try:
                     os.write(tun_fd, view[: off + size])
@@ -474,9 +496,19 @@ class Writer:
             elif frames.is_ip(first) or first == OFFLOAD_FRAME:
                 # A peer whose address changed (NAT rebinding) while sending.
                 c[st.DROPS_UNKNOWN_SRC] += 1
-                self._to_control(messages.pack(messages.UNKNOWN_SOURCE, src=messages.peer_to_wire(src)))
+                self._to_control(
+                    messages.pack(
+                        messages.UNKNOWN_SOURCE, src=messages.peer_to_wire(src)
+                    )
+                )
             elif n <= frames.UPSTREAM_BUFFER_BYTES:
-                self._to_control(messages.pack(messages.FRAME, src=messages.peer_to_wire(src), data=bytes(rx[:n])))
+                self._to_control(
+                    messages.pack(
+                        messages.FRAME,
+                        src=messages.peer_to_wire(src),
+                        data=bytes(rx[:n]),
+                    )
+                )
             else:
                 c[st.DROPS_MALFORMED] += 1
             return
@@ -495,18 +527,29 @@ class Writer:
                 start = self._off + 1 if first == OFFLOAD_FRAME else 0
                 self._write_tun(self._view[start : self._off + n])
             return
-        if self._connected and n == frames.CONTROL_HEADER_BYTES and first == frames.CONTROL:
+        if (
+            self._connected
+            and n == frames.CONTROL_HEADER_BYTES
+            and first == frames.CONTROL
+        ):
             self._start_body(rx[1] << 8 | rx[2])
             return
         if first < 0x10 and n <= frames.UPSTREAM_BUFFER_BYTES:
-            self._to_control(messages.pack(messages.FRAME, src=messages.peer_to_wire(src), data=bytes(rx[:n])))
+            self._to_control(
+                messages.pack(
+                    messages.FRAME, src=messages.peer_to_wire(src), data=bytes(rx[:n])
+                )
+            )
             return
         c[st.DROPS_MALFORMED] += 1
 
     def _take_token(self):
         """Token bucket for frames from strangers: STRANGER_FRAMES_PER_S."""
         now = time.monotonic()
-        self._tokens = min(STRANGER_BURST, self._tokens + (now - self._tokens_at) * STRANGER_FRAMES_PER_S)
+        self._tokens = min(
+            STRANGER_BURST,
+            self._tokens + (now - self._tokens_at) * STRANGER_FRAMES_PER_S,
+        )
         self._tokens_at = now
         if self._tokens < 1.0:
             return False

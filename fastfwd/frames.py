@@ -59,6 +59,7 @@ class Hello(NamedTuple):
     auth_ms: int = 0  # with CAP_AUTH: the sender's clock when it signed
     authentic: bool = False  # decode_hello: the MAC matched the given secret
 
+
 HEARTBEAT_FRAME = b"\x00"
 CONTROL_HEADER_BYTES = 3
 MAX_CONTROL_BODY_BYTES = 0xFFFF
@@ -152,7 +153,10 @@ def split_bodies(commands, keep_together=()):
             current.append(command)
     together = list(keep_together)
     if together:
-        if current and len(encode_commands([*current, *together])) <= MAX_CONTROL_BODY_BYTES:
+        if (
+            current
+            and len(encode_commands([*current, *together])) <= MAX_CONTROL_BODY_BYTES
+        ):
             current.extend(together)
         else:
             if current:
@@ -218,7 +222,9 @@ def decode_hello(data, secret=None):
         if len(data) != size + _AUTH.size:
             return None
         auth_ms, mac = _AUTH.unpack_from(data, size)
-        authentic = bool(secret) and hmac.compare_digest(mac, _mac(secret, data[: size + 8]))
+        authentic = bool(secret) and hmac.compare_digest(
+            mac, _mac(secret, data[: size + 8])
+        )
     elif len(data) != size:
         return None
     ports = struct.unpack_from(f"!{nports}H", data, _HELLO.size)

@@ -58,7 +58,9 @@ class Counters:
 
     def __init__(self, fd):
         size = os.fstat(fd).st_size
-        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map = mmap.mmap(
+            fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
         self._all = memoryview(self._map).cast("Q")
 
     @property

@@ -75,7 +75,17 @@ class Supervisor:
     passed to the control process as its specification (JSON).
     """
 
-    def __init__(self, side, tun_name, tun_fds, udp_socks, control_args, loglevel, vnet_hdr=False, control_env=None):
+    def __init__(
+        self,
+        side,
+        tun_name,
+        tun_fds,
+        udp_socks,
+        control_args,
+        loglevel,
+        vnet_hdr=False,
+        control_env=None,
+    ):
         self.side = side
         self.control_env = control_env or {}  # secrets: kept out of argv
         self.vnet_hdr = vnet_hdr
@@ -156,11 +166,14 @@ class Supervisor:
             role, queue = "control", 0
         else:
             role = "reader" if child.name.startswith("reader") else "writer"
-            queue = int(child.name[len(role):])
+            queue = int(child.name[len(role) :])
         self._send_control(
             messages.pack(
-                messages.CHILD_STARTED, role=role, queue=queue,
-                pid=child.proc.pid, restarts=child.restarts,
+                messages.CHILD_STARTED,
+                role=role,
+                queue=queue,
+                pid=child.proc.pid,
+                restarts=child.restarts,
             )  # fmt: skip
         )
 
@@ -190,7 +203,9 @@ class Supervisor:
             await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT_S)
         except asyncio.TimeoutError:
             self._ready.set_exception(
-                errors.FastfwdError(f"control process not ready after {READY_TIMEOUT_S:.0f}s")
+                errors.FastfwdError(
+                    f"control process not ready after {READY_TIMEOUT_S:.0f}s"
+                )
             )
         if self._ready.exception() is not None:
             await self._shutdown()
@@ -201,7 +216,9 @@ class Supervisor:
             self.children[child.name] = child
             child.spawn()
             self._announce(child)
-        log.info("started side=%s tun=%s workers=%d", self.side, self.tun_name, self.workers)
+        log.info(
+            "started side=%s tun=%s workers=%d", self.side, self.tun_name, self.workers
+        )
         await self._stop_event.wait()
         await self._shutdown()
         return self.exit_code
@@ -255,13 +272,17 @@ class Supervisor:
             if name == "control" and not self._ready.done():
                 # Only the first start can fail the whole run.
                 self._ready.set_exception(
-                    errors.FastfwdError(f"control process exited during set-up code={code}")
+                    errors.FastfwdError(
+                        f"control process exited during set-up code={code}"
+                    )
                 )
                 continue
             healthy = time.monotonic() - child.started_at > HEALTHY_AFTER_S
             child.failures = 0 if healthy else child.failures + 1
             delay = RESTART_BACKOFF_S[min(child.failures, len(RESTART_BACKOFF_S) - 1)]
-            log.warning("child died name=%s code=%s restart_in_s=%.1f", name, code, delay)
+            log.warning(
+                "child died name=%s code=%s restart_in_s=%.1f", name, code, delay
+            )
             child.proc = None
             asyncio.get_running_loop().call_later(delay, self._restart, child)
 

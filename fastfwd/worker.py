@@ -92,7 +92,9 @@ class Worker:
             addrs = messages.peers_from_wire(msg.get("addrs"))
             if self.args.role == "reader":
                 # Spread the queues over the peer's worker sockets.
-                self.engine.set_peer(addrs[self.args.queue % len(addrs)] if addrs else None)
+                self.engine.set_peer(
+                    addrs[self.args.queue % len(addrs)] if addrs else None
+                )
                 self.set_framing(msg.get("framing", engine.COMPAT))
             else:
                 self.engine.set_peer(addrs)

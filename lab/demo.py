@@ -22,7 +22,19 @@ IPERF_PORT = 5201
 
 
 def ping_stats(lab, ns, ip, count):
-    res = lab.run(ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", str(ip), check=False, timeout=60)
+    res = lab.run(
+        ns,
+        "ping",
+        "-c",
+        str(count),
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        str(ip),
+        check=False,
+        timeout=60,
+    )
     loss = re.search(r"([\d.]+)% packet loss", res.stdout)
     rtt = re.search(r"= ([\d.]+)/([\d.]+)/([\d.]+)/", res.stdout)
     return {
@@ -35,15 +47,30 @@ def ping_stats(lab, ns, ip, count):
 
 
 def iperf(lab, server_ns, client_ns, target, megabytes, reverse):
-    server = lab.popen(server_ns, "iperf3", "-s", "-1", "-p", str(IPERF_PORT), stdout=-3, stderr=-3)
+    server = lab.popen(
+        server_ns, "iperf3", "-s", "-1", "-p", str(IPERF_PORT), stdout=-3, stderr=-3
+    )
     try:
-        argv = ["iperf3", "-c", str(target), "-p", str(IPERF_PORT), "-n", f"{megabytes}M", "-J", "--connect-timeout", "3000"]
+        argv = [
+            "iperf3",
+            "-c",
+            str(target),
+            "-p",
+            str(IPERF_PORT),
+            "-n",
+            f"{megabytes}M",
+            "-J",
+            "--connect-timeout",
+            "3000",
+        ]
         if reverse:
             argv.append("-R")
         for _ in range(50):  # the server needs a moment to listen
             res = lab.run(client_ns, *argv, check=False, timeout=120)
             # iperf3 -J may exit 0 and report the failure in the JSON only.
-            data = json.loads(res.stdout) if res.stdout.strip() else {"error": res.stderr}
+            data = (
+                json.loads(res.stdout) if res.stdout.strip() else {"error": res.stderr}
+            )
             if "Connection refused" not in str(data.get("error", "")):
                 break
             time.sleep(0.1)
@@ -62,28 +89,46 @@ def iperf(lab, server_ns, client_ns, target, megabytes, reverse):
 
 def run_demo(megabytes, out):
     results = {}
-    with Lab(bridges=2, containers_per_bridge=1) as lab, tempfile.TemporaryDirectory(prefix="fastfwd-demo-") as work:
+    with (
+        Lab(bridges=2, containers_per_bridge=1) as lab,
+        tempfile.TemporaryDirectory(prefix="fastfwd-demo-") as work,
+    ):
         c1, c2 = lab.containers
-        say(out, f"lab {lab.prefix}: host ns {lab.host_ns}, vm ns {lab.vm_ns}, containers {c1.ip} ({c1.bridge.name}) and {c2.ip} ({c2.bridge.name})")
+        say(
+            out,
+            f"lab {lab.prefix}: host ns {lab.host_ns}, vm ns {lab.vm_ns}, containers {c1.ip} ({c1.bridge.name}) and {c2.ip} ({c2.bridge.name})",
+        )
         tunnel = Tunnel(lab, work)
         try:
             tunnel.start()
             host = tunnel.status("host")
-            say(out, f"tunnel up: host {host['address']} peer {host['peer']}, routes {', '.join(host['routes'])}")
+            say(
+                out,
+                f"tunnel up: host {host['address']} peer {host['peer']}, routes {', '.join(host['routes'])}",
+            )
 
             for c in (c1, c2):
                 p = ping_stats(lab, lab.host_ns, c.ip, 10)
                 results[f"ping_{c.name}"] = p
-                say(out, f"ping host -> {c.ip}: loss {p['loss_pct']}%, rtt avg {p['rtt_ms_avg']} ms (min {p['rtt_ms_min']}, max {p['rtt_ms_max']})")
+                say(
+                    out,
+                    f"ping host -> {c.ip}: loss {p['loss_pct']}%, rtt avg {p['rtt_ms_avg']} ms (min {p['rtt_ms_min']}, max {p['rtt_ms_max']})",
+                )
                 if not p["ok"]:
                     raise RuntimeError(f"{c.ip} did not answer through the tunnel")
 
             up = iperf(lab, c1.ns, lab.host_ns, c1.ip, megabytes, reverse=False)
             results["tcp_host_to_container"] = up
-            say(out, f"TCP host -> {c1.ip}: {up['bytes'] / 2**20:.0f} MiB in {up['seconds']} s = {up['gbit_s']} Gbit/s")
+            say(
+                out,
+                f"TCP host -> {c1.ip}: {up['bytes'] / 2**20:.0f} MiB in {up['seconds']} s = {up['gbit_s']} Gbit/s",
+            )
             down = iperf(lab, c1.ns, lab.host_ns, c1.ip, megabytes, reverse=True)
             results["tcp_container_to_host"] = down
-            say(out, f"TCP {c1.ip} -> host: {down['bytes'] / 2**20:.0f} MiB in {down['seconds']} s = {down['gbit_s']} Gbit/s")
+            say(
+                out,
+                f"TCP {c1.ip} -> host: {down['bytes'] / 2**20:.0f} MiB in {down['seconds']} s = {down['gbit_s']} Gbit/s",
+            )
 
             status = tunnel.status("host")
             results["host_processes"] = status["processes"]
@@ -92,7 +137,10 @@ def run_demo(megabytes, out):
                 if proc["name"] == "control":
                     continue  # it forwards nothing
                 c = proc.get("counters", {})
-                say(out, f"  {proc['name']:8} pid {proc['pid']:>7}  pkts in {c.get('pkts_in', 0):>9}  out {c.get('pkts_out', 0):>9}  cpu {proc.get('cpu_s')} s")
+                say(
+                    out,
+                    f"  {proc['name']:8} pid {proc['pid']:>7}  pkts in {c.get('pkts_in', 0):>9}  out {c.get('pkts_out', 0):>9}  cpu {proc.get('cpu_s')} s",
+                )
         except BaseException:
             print(tunnel.logs(), file=sys.stderr)
             raise
@@ -107,8 +155,12 @@ def say(out, line):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--megabytes", type=int, default=200, help="MiB moved each way (default 200)")
+    p = argparse.ArgumentParser(
+        prog="python -m lab.demo", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--megabytes", type=int, default=200, help="MiB moved each way (default 200)"
+    )
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
     results = run_demo(args.megabytes, sys.stdout)

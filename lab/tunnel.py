@@ -25,11 +25,24 @@ class Tunnel:
     extra configuration lines for the host side.
     """
 
-    def __init__(self, lab, workdir, *, routes=None, lines=(), mtu=1400, workers=1, vm_args=(), host_args=()):
+    def __init__(
+        self,
+        lab,
+        workdir,
+        *,
+        routes=None,
+        lines=(),
+        mtu=1400,
+        workers=1,
+        vm_args=(),
+        host_args=(),
+    ):
         self.lab = lab
         self.workdir = str(workdir)
         os.makedirs(self.workdir, exist_ok=True)
-        self.routes = [str(b.subnet) for b in lab.bridges] if routes is None else list(routes)
+        self.routes = (
+            [str(b.subnet) for b in lab.bridges] if routes is None else list(routes)
+        )
         self.mtu = mtu
         self.workers = workers
         self.vm_args = list(vm_args)
@@ -68,7 +81,14 @@ class Tunnel:
             log.close()
 
     def start_host(self):
-        argv = ["run", "-c", self.config, "--workers", str(self.workers), *self.host_args]
+        argv = [
+            "run",
+            "-c",
+            self.config,
+            "--workers",
+            str(self.workers),
+            *self.host_args,
+        ]
         self.host_proc = self._fastfwd(self.lab.host_ns, argv, self.host_log)
         return self.host_proc
 
@@ -92,7 +112,9 @@ class Tunnel:
         return reply["status"]
 
     def config_lines(self, *lines):
-        return localsock.request(self.host_socket, {"op": "config", "lines": list(lines)})
+        return localsock.request(
+            self.host_socket, {"op": "config", "lines": list(lines)}
+        )
 
     def wait_ready(self, timeout_s=READY_TIMEOUT_S):
         """Wait until the host knows its peer and the VM side its host."""
@@ -101,7 +123,9 @@ class Tunnel:
         while time.monotonic() < deadline:
             for proc, name in ((self.host_proc, "host"), (self.vm_proc, "vm")):
                 if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"fastfwd {name} side exited code={proc.returncode}\n{self.logs()}")
+                    raise RuntimeError(
+                        f"fastfwd {name} side exited code={proc.returncode}\n{self.logs()}"
+                    )
             try:
                 host, vm = self.status("host"), self.status("vm")
                 if host.get("peer") and vm.get("host") and host["routes"]:
@@ -110,7 +134,9 @@ class Tunnel:
             except OSError as exc:
                 last = exc
             time.sleep(0.1)
-        raise TimeoutError(f"tunnel not ready after {timeout_s}s: {last}\n{self.logs()}")
+        raise TimeoutError(
+            f"tunnel not ready after {timeout_s}s: {last}\n{self.logs()}"
+        )
 
     def stop_host(self, sig=signal.SIGTERM, timeout_s=15.0):
         code = _signal_and_wait(self.host_proc, sig, timeout_s)
@@ -124,7 +150,10 @@ class Tunnel:
 
     def stop(self):
         codes = []
-        for proc, stop in ((self.vm_proc, self.stop_vm), (self.host_proc, self.stop_host)):
+        for proc, stop in (
+            (self.vm_proc, self.stop_vm),
+            (self.host_proc, self.stop_host),
+        ):
             if proc is not None and proc.poll() is None:
                 codes.append(stop())
         return codes

@@ -13,11 +13,35 @@ IPERF_PORT = 5201
 
 
 def _iperf(lab, server_ns, client_ns, argv, timeout_s):
-    server = lab.popen(server_ns, "iperf3", "-s", "-1", "-p", str(IPERF_PORT), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = lab.popen(
+        server_ns,
+        "iperf3",
+        "-s",
+        "-1",
+        "-p",
+        str(IPERF_PORT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
-            res = lab.run(client_ns, "iperf3", "-p", str(IPERF_PORT), "-J", "--connect-timeout", "2000", *argv, check=False, timeout=timeout_s)
-            data = json.loads(res.stdout) if res.stdout.strip() else {"error": res.stderr.strip()}
+            res = lab.run(
+                client_ns,
+                "iperf3",
+                "-p",
+                str(IPERF_PORT),
+                "-J",
+                "--connect-timeout",
+                "2000",
+                *argv,
+                check=False,
+                timeout=timeout_s,
+            )
+            data = (
+                json.loads(res.stdout)
+                if res.stdout.strip()
+                else {"error": res.stderr.strip()}
+            )
             # iperf3 -J may exit 0 and report the failure in the JSON only.
             if "Connection refused" not in str(data.get("error", "")):
                 break
@@ -44,7 +68,17 @@ def tcp(lab, target_ns, target_ip, seconds, streams=1, reverse=False):
 
 def udp(lab, target_ns, target_ip, seconds, length=1200):
     """Packet rate that arrives, and the loss, of an unlimited UDP stream."""
-    argv = ["-c", str(target_ip), "-u", "-b", "0", "-l", str(length), "-t", str(seconds)]
+    argv = [
+        "-c",
+        str(target_ip),
+        "-u",
+        "-b",
+        "0",
+        "-l",
+        str(length),
+        "-t",
+        str(seconds),
+    ]
     data = _iperf(lab, target_ns, lab.host_ns, argv, seconds + 30)
     s = data["end"]["sum"]
     received = s["packets"] - s["lost_packets"]
@@ -57,7 +91,19 @@ def udp(lab, target_ns, target_ip, seconds, length=1200):
 
 def ping(lab, target_ip, count=100, interval_s=0.01):
     """RTT percentiles (ms) of ``count`` echoes from the host namespace."""
-    res = lab.run(lab.host_ns, "ping", "-c", str(count), "-i", str(interval_s), "-W", "1", str(target_ip), check=False, timeout=count * interval_s + 30)
+    res = lab.run(
+        lab.host_ns,
+        "ping",
+        "-c",
+        str(count),
+        "-i",
+        str(interval_s),
+        "-W",
+        "1",
+        str(target_ip),
+        check=False,
+        timeout=count * interval_s + 30,
+    )
     rtts = sorted(float(m) for m in re.findall(r"time=([\d.]+) ms", res.stdout))
     if not rtts:
         return {"p50_ms": None, "p99_ms": None, "loss_pct": 100.0}
@@ -70,9 +116,29 @@ def ping(lab, target_ip, count=100, interval_s=0.01):
 
 def ping_under_load(lab, target_ns, target_ip, seconds):
     """RTT while one TCP stream fills the path host -> container."""
-    server = lab.popen(target_ns, "iperf3", "-s", "-1", "-p", str(IPERF_PORT + 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = lab.popen(
+        target_ns,
+        "iperf3",
+        "-s",
+        "-1",
+        "-p",
+        str(IPERF_PORT + 1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(0.3)
-    client = lab.popen(lab.host_ns, "iperf3", "-c", str(target_ip), "-p", str(IPERF_PORT + 1), "-t", str(seconds + 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = lab.popen(
+        lab.host_ns,
+        "iperf3",
+        "-c",
+        str(target_ip),
+        "-p",
+        str(IPERF_PORT + 1),
+        "-t",
+        str(seconds + 1),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         time.sleep(0.5)
         return ping(lab, target_ip, count=int(seconds / 0.02), interval_s=0.02)

@@ -45,13 +45,23 @@ def _accept_device(lab, dev, add=True):
         ("filter", "DOCKER-USER", ["-o", dev, "-j", "ACCEPT"]),
     ]
     for table, chain, rule in rules:
-        lab.run(lab.vm_ns, "iptables", "-w", "5", "-t", table, op, chain, *rule, check=add)
+        lab.run(
+            lab.vm_ns, "iptables", "-w", "5", "-t", table, op, chain, *rule, check=add
+        )
 
 
 def _routes(lab, dev=None, via=None, add=True):
     for bridge in lab.bridges:
         target = ["dev", dev] if dev else ["via", str(via)]
-        lab.run(lab.host_ns, "ip", "route", "add" if add else "del", str(bridge.subnet), *target, check=add)
+        lab.run(
+            lab.host_ns,
+            "ip",
+            "route",
+            "add" if add else "del",
+            str(bridge.subnet),
+            *target,
+            check=add,
+        )
 
 
 class Direct(Path):
@@ -88,14 +98,18 @@ class Fastfwd(Path):
         want = "offload" if self.offload else "compat"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            framings = {self.tunnel.status(side).get("framing") for side in ("host", "vm")}
+            framings = {
+                self.tunnel.status(side).get("framing") for side in ("host", "vm")
+            }
             if framings == {want}:
                 refused = self.tunnel.status("host")["refused_routes"]
                 if refused:
                     raise RuntimeError(f"{self.name}: routes refused: {refused}")
                 return
             time.sleep(0.1)
-        raise RuntimeError(f"{self.name}: framing is {framings}, not {want}\n{self.tunnel.logs()}")
+        raise RuntimeError(
+            f"{self.name}: framing is {framings}, not {want}\n{self.tunnel.logs()}"
+        )
 
     def stop(self, lab):
         self.tunnel.stop()

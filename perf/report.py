@@ -30,7 +30,9 @@ def table(doc):
     head = f"{'path':22}" + "".join(f"{label:>24}" for _, _, label in COLUMNS)
     head += f"{'UDP kpps (loss)':>18}{'ping p50/p99 idle':>20}{'p50/p99 load':>16}{'CPU% h/v':>12}{'PSS MB h/v':>12}{'idle CPU%':>10}"
     lines.append(head)
-    lines.append(f"{'':22}" + "".join(f"{'Gbit/s  ×direct ×ovpn':>24}" for _ in COLUMNS))
+    lines.append(
+        f"{'':22}" + "".join(f"{'Gbit/s  ×direct ×ovpn':>24}" for _ in COLUMNS)
+    )
     for name, r in res.items():
         row = f"{name:22}"
         for key, field, _ in COLUMNS:
@@ -46,7 +48,9 @@ def table(doc):
         row += f"{_fmt(_get(r, 'load', 'host', 'cpu_pct'), '.0f'):>6}/{_fmt(_get(r, 'load', 'vm', 'cpu_pct'), '.0f'):<5}"
         row += f"{_fmt(_get(r, 'load', 'host', 'pss_mb'), '.0f'):>6}/{_fmt(_get(r, 'load', 'vm', 'pss_mb'), '.0f'):<5}"
         idle = [_get(r, "idle", s, "cpu_pct") for s in ("host", "vm")]
-        row += f"{_fmt(max((i for i in idle if i is not None), default=None), '.2f'):>10}"
+        row += (
+            f"{_fmt(max((i for i in idle if i is not None), default=None), '.2f'):>10}"
+        )
         lines.append(row)
     return "\n".join(lines)
 
@@ -86,9 +90,16 @@ def plots(doc, base):
     names = list(res)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.4
-    for i, (key, label) in enumerate((("tcp1_up", "host → container"), ("tcp1_down", "container → host"))):
+    for i, (key, label) in enumerate(
+        (("tcp1_up", "host → container"), ("tcp1_down", "container → host"))
+    ):
         values = [_get(res[n], key, "gbit_s") or 0 for n in names]
-        ax.bar([x + (i - 0.5) * width for x in range(len(names))], values, width, label=label)
+        ax.bar(
+            [x + (i - 0.5) * width for x in range(len(names))],
+            values,
+            width,
+            label=label,
+        )
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
     ax.set_ylabel("Gbit/s (iperf3, 1 TCP stream)")
     ax.set_title("Throughput by path and mode")
@@ -100,12 +111,23 @@ def plots(doc, base):
     written.append(os.path.basename(path))
 
     workers = sorted(
-        (int(n.rsplit("-w", 1)[1]), n) for n in names if n.startswith("fastfwd-offload-w")
+        (int(n.rsplit("-w", 1)[1]), n)
+        for n in names
+        if n.startswith("fastfwd-offload-w")
     )
     if len(workers) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in (("tcp1_up", "1 stream up"), ("tcp4_up", "4 streams up"), ("tcp1_down", "1 stream down")):
-            ax.plot([w for w, _ in workers], [_get(res[n], key, "gbit_s") or 0 for _, n in workers], marker="o", label=label)
+        for key, label in (
+            ("tcp1_up", "1 stream up"),
+            ("tcp4_up", "4 streams up"),
+            ("tcp1_down", "1 stream down"),
+        ):
+            ax.plot(
+                [w for w, _ in workers],
+                [_get(res[n], key, "gbit_s") or 0 for _, n in workers],
+                marker="o",
+                label=label,
+            )
         ax.set_xlabel("workers")
         ax.set_ylabel("Gbit/s")
         ax.set_title("fastfwd offload: throughput against workers")

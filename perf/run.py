@@ -44,8 +44,12 @@ def measure_path(lab, path, args, workdir, progress):
         progress(f"down {out['tcp1_down']['gbit_s']:.2f}")
         if not args.quick:
             out["tcp4_up"] = measure.tcp(lab, c1.ns, c1.ip, args.seconds, streams=4)
-            out["tcp4_down"] = measure.tcp(lab, c1.ns, c1.ip, args.seconds, streams=4, reverse=True)
-            progress(f"tcp4 {out['tcp4_up']['gbit_s']:.2f}/{out['tcp4_down']['gbit_s']:.2f}")
+            out["tcp4_down"] = measure.tcp(
+                lab, c1.ns, c1.ip, args.seconds, streams=4, reverse=True
+            )
+            progress(
+                f"tcp4 {out['tcp4_up']['gbit_s']:.2f}/{out['tcp4_down']['gbit_s']:.2f}"
+            )
             out["udp"] = measure.udp(lab, c1.ns, c1.ip, args.seconds)
             progress(f"udp {out['udp']['rx_kpps']:.0f} kpps")
             out["ping_load"] = measure.ping_under_load(lab, c1.ns, c1.ip, args.seconds)
@@ -60,7 +64,10 @@ def combine(runs):
         return {}
     first = runs[0]
     if isinstance(first, dict):
-        return {k: combine([r[k] for r in runs if isinstance(r, dict) and k in r]) for k in first}
+        return {
+            k: combine([r[k] for r in runs if isinstance(r, dict) and k in r])
+            for k in first
+        }
     values = [r for r in runs if isinstance(r, (int, float))]
     return statistics.median(values) if values else None
 
@@ -68,7 +75,12 @@ def combine(runs):
 def environment():
     def git(*a):
         try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=os.path.dirname(RESULTS)).stdout.strip()
+            return subprocess.run(
+                ["git", *a],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(RESULTS),
+            ).stdout.strip()
         except OSError:
             return ""
 
@@ -81,7 +93,9 @@ def environment():
         "openvpn": _version(["openvpn", "--version"]),
         "socat": _version(["socat", "-V"], line=1),
         "iperf3": _version(["iperf3", "--version"]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
     }
 
 
@@ -100,18 +114,36 @@ def docker_engine():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m perf.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=int, default=4, help="length of each iperf3 run (default 4)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds over all paths, interleaved (default 2)")
-    p.add_argument("--workers", type=int, default=None, help="largest worker count to measure (default: usable CPUs)")
-    p.add_argument("--only", help="comma-separated path names (e.g. direct,fastfwd-offload-w1)")
+    p = argparse.ArgumentParser(
+        prog="python -m perf.run", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument(
+        "--seconds", type=int, default=4, help="length of each iperf3 run (default 4)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds over all paths, interleaved (default 2)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="largest worker count to measure (default: usable CPUs)",
+    )
+    p.add_argument(
+        "--only", help="comma-separated path names (e.g. direct,fastfwd-offload-w1)"
+    )
     p.add_argument("--quick", action="store_true", help="1-stream TCP only")
     p.add_argument("--idle-seconds", type=float, default=3.0)
     p.add_argument("--out", default=RESULTS, help="results folder")
     args = p.parse_args(argv)
 
     if docker_engine():
-        print("perf: a Docker engine is present, but measuring in real containers is not implemented yet; using the lab")
+        print(
+            "perf: a Docker engine is present, but measuring in real containers is not implemented yet; using the lab"
+        )
     else:
         print("perf: no Docker engine here; measuring in the lab (network namespaces)")
     max_workers = args.workers or len(psutil.Process().cpu_affinity())
@@ -122,7 +154,10 @@ def main(argv=None):
     env = environment()
     results = {x.name: [] for x in todo}
     started = time.monotonic()
-    with Lab(bridges=1, containers_per_bridge=1) as lab, tempfile.TemporaryDirectory(prefix="fastfwd-perf-") as work:
+    with (
+        Lab(bridges=1, containers_per_bridge=1) as lab,
+        tempfile.TemporaryDirectory(prefix="fastfwd-perf-") as work,
+    ):
         total = args.rounds * len(todo)
         done = 0
         for rnd in range(args.rounds):
@@ -131,12 +166,26 @@ def main(argv=None):
                 head = f"[{done}/{total} {time.monotonic() - started:5.0f}s] round {rnd + 1} {path.name}:"
                 print(head, end=" ", flush=True)
                 try:
-                    results[path.name].append(measure_path(lab, path, args, work, lambda s: print(s, end=" ", flush=True)))
+                    results[path.name].append(
+                        measure_path(
+                            lab,
+                            path,
+                            args,
+                            work,
+                            lambda s: print(s, end=" ", flush=True),
+                        )
+                    )
                     print("ok", flush=True)
                 except Exception as exc:
                     print(f"FAILED: {exc}", flush=True)
     combined = {name: combine(runs) for name, runs in results.items()}
-    doc = {"environment": env, "settings": vars(args), "paths": {x.name: {"kind": x.kind} for x in todo}, "results": combined, "rounds": results}
+    doc = {
+        "environment": env,
+        "settings": vars(args),
+        "paths": {x.name: {"kind": x.kind} for x in todo},
+        "results": combined,
+        "rounds": results,
+    }
     table = report.table(doc)
     print()
     print(table)

@@ -19,9 +19,14 @@ from perf import measure, paths
 
 def probe(seconds, max_workers, out):
     """Measure every candidate; returns ``[(path, up, down), ...]`` in Gbit/s."""
-    candidates = [paths.Fastfwd(False, 1)] + [paths.Fastfwd(True, w) for w in range(1, max_workers + 1)]
+    candidates = [paths.Fastfwd(False, 1)] + [
+        paths.Fastfwd(True, w) for w in range(1, max_workers + 1)
+    ]
     results = []
-    with Lab(bridges=1, containers_per_bridge=1) as lab, tempfile.TemporaryDirectory(prefix="fastfwd-tune-") as work:
+    with (
+        Lab(bridges=1, containers_per_bridge=1) as lab,
+        tempfile.TemporaryDirectory(prefix="fastfwd-tune-") as work,
+    ):
         c1 = lab.containers[0]
         for cand in candidates:
             print(f"tune: probing {cand.name} ...", end=" ", file=out, flush=True)
@@ -63,5 +68,8 @@ def run(seconds, max_workers, write, out):
     if write:
         with open(write, "a", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")
-        print(f"tune: appended to {write} (takes effect when the host side restarts)", file=out)
+        print(
+            f"tune: appended to {write} (takes effect when the host side restarts)",
+            file=out,
+        )
     return choice

@@ -63,5 +63,13 @@ def ipv4_packet(payload=b"x" * 32, src="10.9.0.1", dst="10.9.0.2", proto=17):
 
 
 def ipv6_packet(payload=b"y" * 16):
-    header = struct.pack("!IHBB16s16s", 6 << 28, len(payload), 17, 64, b"\xfd" + b"\0" * 15, b"\xfd" + b"\0" * 14 + b"\1")
+    header = struct.pack(
+        "!IHBB16s16s",
+        6 << 28,
+        len(payload),
+        17,
+        64,
+        b"\xfd" + b"\0" * 15,
+        b"\xfd" + b"\0" * 14 + b"\1",
+    )
     return header + payload

@@ -34,7 +34,13 @@ def parse_icmp(packet):
         return None
     ihl = (packet[0] & 0x0F) * 4
     kind, _, _, ident, seq = struct.unpack("!BBHHH", packet[ihl : ihl + 8])
-    return socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20]), kind, ident, seq
+    return (
+        socket.inet_ntoa(packet[12:16]),
+        socket.inet_ntoa(packet[16:20]),
+        kind,
+        ident,
+        seq,
+    )
 
 
 def echo_reply_to(request):

@@ -19,7 +19,9 @@ BATCH = 256
 
 
 def test_bench_classify_batch(benchmark):
-    packets = [ipv4_packet(), b"\x00", b"\x01\x00\x05", bytes([0x60]) + b"\0" * 60] * (BATCH // 4)
+    packets = [ipv4_packet(), b"\x00", b"\x01\x00\x05", bytes([0x60]) + b"\0" * 60] * (
+        BATCH // 4
+    )
 
     def classify():
         return sum(1 for p in packets if frames.is_ip(p[0]))
@@ -33,7 +35,9 @@ def test_bench_looks_like_ip_packet(benchmark):
 
 
 def test_bench_control_encoding(benchmark):
-    commands = [("connect", f"172.{18 + i}.0.0", f"172.{100 + i}.0.0") for i in range(60)]
+    commands = [
+        ("connect", f"172.{18 + i}.0.0", f"172.{100 + i}.0.0") for i in range(60)
+    ]
 
     def encode():
         return frames.control_datagrams(frames.encode_commands(commands), 1400)
@@ -42,12 +46,16 @@ def test_bench_control_encoding(benchmark):
 
 
 def test_bench_hello_round_trip(benchmark):
-    hello = frames.encode_hello(frames.Hello(1, frames.CAP_OFFLOAD, 1400, (40000, 40001), 7, ("172.18.0.0/16",)))
+    hello = frames.encode_hello(
+        frames.Hello(1, frames.CAP_OFFLOAD, 1400, (40000, 40001), 7, ("172.18.0.0/16",))
+    )
     assert benchmark(frames.decode_hello, hello).mtu == 1400
 
 
 def test_bench_message_pack_unpack(benchmark):
-    data = messages.pack(messages.SET_PEER, addrs=[["10.0.0.2", 40000]], framing="offload")
+    data = messages.pack(
+        messages.SET_PEER, addrs=[["10.0.0.2", 40000]], framing="offload"
+    )
     assert benchmark(messages.unpack, data)["framing"] == "offload"
 
 

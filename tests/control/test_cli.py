@@ -5,12 +5,19 @@ from control import cli
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "fastfwd", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "fastfwd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_check_names_every_bad_line_with_its_number(tmp_path):
     conf = tmp_path / "bad.conf"
-    conf.write_text("route 172.18.0.0/16\nroute nope\n# ok\nmtu 0\npong maybe\nroute 172.19.0.0/16 expose\n")
+    conf.write_text(
+        "route 172.18.0.0/16\nroute nope\n# ok\nmtu 0\npong maybe\nroute 172.19.0.0/16 expose\n"
+    )
     res = run_cli("check", "-c", str(conf))
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
@@ -38,12 +45,44 @@ def test_run_refuses_an_invalid_file_before_touching_anything(tmp_path):
 
 def test_connect_accepts_upstream_single_dash_flags_and_gnu_spelling():
     p = cli.build_parser()
-    a = p.parse_args(["connect", "-host", "h1", "-port", "2600", "-addr", "10.1.0.1/24", "-mtu", "1300"])
-    b = p.parse_args(["connect", "--host=h1", "--port", "2600", "--addr", "10.1.0.1/24", "--mtu=1300"])
+    a = p.parse_args(
+        [
+            "connect",
+            "-host",
+            "h1",
+            "-port",
+            "2600",
+            "-addr",
+            "10.1.0.1/24",
+            "-mtu",
+            "1300",
+        ]
+    )
+    b = p.parse_args(
+        [
+            "connect",
+            "--host=h1",
+            "--port",
+            "2600",
+            "--addr",
+            "10.1.0.1/24",
+            "--mtu=1300",
+        ]
+    )
     for args in (a, b):
-        assert (args.host, args.port, args.addr, args.mtu) == ("h1", 2600, "10.1.0.1/24", 1300)
+        assert (args.host, args.port, args.addr, args.mtu) == (
+            "h1",
+            2600,
+            "10.1.0.1/24",
+            1300,
+        )
     d = p.parse_args(["connect"])
-    assert (d.host, d.port, d.addr, d.mtu) == ("host.docker.internal", 2511, "192.168.251.1/24", 1400)
+    assert (d.host, d.port, d.addr, d.mtu) == (
+        "host.docker.internal",
+        2511,
+        "192.168.251.1/24",
+        1400,
+    )
 
 
 def test_connect_rejects_bad_flags_with_one_line():

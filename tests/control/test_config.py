@@ -49,7 +49,9 @@ def test_every_upstream_directive_parses_into_typed_values():
 
 
 def test_comments_tabs_and_repeated_spaces_are_accepted():
-    cfg = parse("# a comment\n\troute\t 172.18.0.0/16   # trailing\n\n   \nmtu    1200\n")
+    cfg = parse(
+        "# a comment\n\troute\t 172.18.0.0/16   # trailing\n\n   \nmtu    1200\n"
+    )
     assert list(cfg.routes) == [ipaddress.IPv4Network("172.18.0.0/16")]
     assert cfg.mtu == 1200
 

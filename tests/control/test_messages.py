@@ -4,7 +4,9 @@ from control import messages
 
 
 def test_pack_and_unpack_round_trip_with_bytes():
-    msg = messages.unpack(messages.pack(messages.FRAME, src=["127.0.0.1", 5], data=b"\x00\xff"))
+    msg = messages.unpack(
+        messages.pack(messages.FRAME, src=["127.0.0.1", 5], data=b"\x00\xff")
+    )
     assert msg == {"op": "frame", "src": ["127.0.0.1", 5], "data": b"\x00\xff"}
 
 
@@ -38,13 +40,19 @@ def test_data_plane_imports_only_the_schema_from_control():
     import ast
     import pathlib
 
-    for path in pathlib.Path(messages.__file__).parents[1].joinpath("fastfwd").glob("*.py"):
+    for path in (
+        pathlib.Path(messages.__file__).parents[1].joinpath("fastfwd").glob("*.py")
+    ):
         if path.name == "__main__.py":
             continue  # `python -m fastfwd` is the CLI, which lives in control/
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("control"):
-                assert node.module == "control" and [a.name for a in node.names] == ["messages"], path
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "control"
+            ):
+                assert node.module == "control" and [a.name for a in node.names] == [
+                    "messages"
+                ], path
             if isinstance(node, ast.Import):
                 for a in node.names:
                     assert not a.name.startswith("control"), path

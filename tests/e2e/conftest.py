@@ -4,7 +4,6 @@ from lab import Lab
 from lab.tunnel import Tunnel
 
 
-
 @pytest.fixture
 def lab():
     with Lab(bridges=2, containers_per_bridge=1) as lab:

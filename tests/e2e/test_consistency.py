@@ -18,7 +18,11 @@ pytestmark = root_marks()
 def pair_rules(lab):
     b1, b2 = lab.bridges
     text = lab.iptables(lab.vm_ns, "-S")
-    return [line for line in text.splitlines() if f"-i {b1.name} -o {b2.name}" in line or f"-i {b2.name} -o {b1.name}" in line]
+    return [
+        line
+        for line in text.splitlines()
+        if f"-i {b1.name} -o {b2.name}" in line or f"-i {b2.name} -o {b1.name}" in line
+    ]
 
 
 def pair_line(lab, sign="+"):
@@ -43,7 +47,19 @@ def test_a_lost_control_push_is_repaired_by_the_next_hello(lab, tmp_path):
     t = Tunnel(lab, tmp_path / "t")
     t.start()
     # Drop the host's control headers (3-byte datagrams, 31-byte IP packets).
-    drop = ["INPUT", "-p", "udp", "--sport", "2511", "-m", "length", "--length", "31", "-j", "DROP"]
+    drop = [
+        "INPUT",
+        "-p",
+        "udp",
+        "--sport",
+        "2511",
+        "-m",
+        "length",
+        "--length",
+        "31",
+        "-j",
+        "DROP",
+    ]
     try:
         lab.iptables(lab.vm_ns, "-I", *drop)
         with open(t.config, "a") as f:
@@ -88,11 +104,13 @@ def test_upstream_vm_side_gets_a_disconnect_for_a_removed_line(lab, tmp_path):
             f.write(base.replace(pair_line(lab) + "\n", ""))
         body, _ = read_control(vm)
         b1, b2 = lab.bridges
-        assert body.decode() == f"disconnect {b1.subnet.network_address} {b2.subnet.network_address}"
+        assert (
+            body.decode()
+            == f"disconnect {b1.subnet.network_address} {b2.subnet.network_address}"
+        )
     finally:
         vm.close()
         t.stop()
-
 
 
 def test_routes_follow_the_docker_networks_of_the_vm(lab, tmp_path):
@@ -100,8 +118,20 @@ def test_routes_follow_the_docker_networks_of_the_vm(lab, tmp_path):
     t.start()
     new = f"{lab.prefix}-bx"
     try:
-        assert wait_for(lambda: host_routes(lab) == sorted(str(b.subnet) for b in lab.bridges)), t.logs()
-        assert lab.run(lab.host_ns, "ping", "-c1", "-W2", str(lab.containers[1].ip), check=False).returncode == 0
+        assert wait_for(
+            lambda: host_routes(lab) == sorted(str(b.subnet) for b in lab.bridges)
+        ), t.logs()
+        assert (
+            lab.run(
+                lab.host_ns,
+                "ping",
+                "-c1",
+                "-W2",
+                str(lab.containers[1].ip),
+                check=False,
+            ).returncode
+            == 0
+        )
         # a docker network appears in the VM, then goes away
         lab.run(lab.vm_ns, "ip", "link", "add", new, "type", "bridge")
         lab.run(lab.vm_ns, "ip", "addr", "add", "172.30.0.1/16", "dev", new)

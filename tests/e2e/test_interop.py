@@ -24,7 +24,6 @@ def recv(sock, timeout_s=5.0):
     return sock.recvfrom(65536)
 
 
-
 def read_control(sock):
     """One upstream control message: the header datagram, then the body.
 
@@ -62,14 +61,28 @@ def test_host_side_serves_an_upstream_vm_side(lab, host_only):
         commands = body.decode().split(",")
         assert commands[0] == "connect 172.18.0.0 172.19.0.0"
         assert len(commands) == 61
-        assert all(len(c) <= 1400 for c in chunks) and len(chunks) == 2  # split at the MTU
+        assert (
+            all(len(c) <= 1400 for c in chunks) and len(chunks) == 2
+        )  # split at the MTU
         assert all(c.count(" ") == 2 for c in commands)  # well formed, single spaces
 
         # A ping from the host to a container reaches the VM side as a raw
         # IPv4 packet; the reply it sends back reaches ping.
         target = str(lab.containers[0].ip)
         # Several echoes: the first may race the workers learning the peer.
-        ping = lab.popen(lab.host_ns, "ping", "-c", "4", "-i", "0.5", "-W", "5", target, stdout=-1, text=True)
+        ping = lab.popen(
+            lab.host_ns,
+            "ping",
+            "-c",
+            "4",
+            "-i",
+            "0.5",
+            "-W",
+            "5",
+            target,
+            stdout=-1,
+            text=True,
+        )
         while True:
             data, src = recv(vm)
             parsed = packets.parse_icmp(data)
@@ -93,7 +106,18 @@ def test_restarted_host_sends_before_any_heartbeat(lab, host_only):
         host_only.stop_host()
         host_only.start_host()
         read_control(vm)  # pushed to the remembered peer, unasked
-        lab.popen(lab.host_ns, "ping", "-c", "3", "-i", "0.3", "-W", "1", str(lab.containers[0].ip), stdout=-1)
+        lab.popen(
+            lab.host_ns,
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.3",
+            "-W",
+            "1",
+            str(lab.containers[0].ip),
+            stdout=-1,
+        )
         while True:
             data, _ = recv(vm)  # no heartbeat was sent since the restart
             if packets.parse_icmp(data):
@@ -117,7 +141,9 @@ def test_vm_side_serves_an_upstream_host(lab, tmp_path, fake_host):
         beat, vm_addr = recv(fake_host, 10)
         assert beat == b"\x00"
         b1, b2 = lab.bridges
-        body = f"connect {b1.subnet.network_address} {b2.subnet.network_address}".encode()
+        body = (
+            f"connect {b1.subnet.network_address} {b2.subnet.network_address}".encode()
+        )
         fake_host.sendto(bytes([1, len(body) >> 8, len(body) & 0xFF]), vm_addr)
         for i in range(0, len(body), 8):  # the body split over several datagrams
             fake_host.sendto(body[i : i + 8], vm_addr)
@@ -156,7 +182,9 @@ def test_vm_side_serves_an_upstream_host(lab, tmp_path, fake_host):
         t.stop()
 
 
-def test_vm_side_waits_for_an_unresolvable_host_and_connects_when_it_resolves(lab, tmp_path, fake_host):
+def test_vm_side_waits_for_an_unresolvable_host_and_connects_when_it_resolves(
+    lab, tmp_path, fake_host
+):
     t = Tunnel(lab, tmp_path / "t", vm_args=["-host", "late-host.test"])
     t.start_vm()
     try:
@@ -175,7 +203,9 @@ def test_vm_side_waits_for_an_unresolvable_host_and_connects_when_it_resolves(la
 
 
 def test_a_push_over_64k_goes_out_as_several_well_formed_bodies(lab, tmp_path):
-    pairs = [f"iptables 10.{i // 256}.{i % 256}.0+10.200.{i % 256}.0" for i in range(3000)]
+    pairs = [
+        f"iptables 10.{i // 256}.{i % 256}.0+10.200.{i % 256}.0" for i in range(3000)
+    ]
     t = Tunnel(lab, tmp_path / "t", lines=pairs)
     t.start_host()
     assert wait_for(lambda: os.path.exists(t.host_socket)), t.logs()

@@ -29,15 +29,27 @@ def wait_framing(t, want, timeout_s=15.0):
     "host_offload, vm_offload, want",
     [("on", "on", "offload"), ("off", "on", "compat"), ("on", "off", "compat")],
 )
-def test_framing_follows_what_both_sides_can_do_and_data_arrives_intact(lab, tmp_path, host_offload, vm_offload, want):
-    t = Tunnel(lab, tmp_path / "t", host_args=["--offload", host_offload], vm_args=["--offload", vm_offload])
+def test_framing_follows_what_both_sides_can_do_and_data_arrives_intact(
+    lab, tmp_path, host_offload, vm_offload, want
+):
+    t = Tunnel(
+        lab,
+        tmp_path / "t",
+        host_args=["--offload", host_offload],
+        vm_args=["--offload", vm_offload],
+    )
     t.start()
     try:
         assert wait_framing(t, want), (framings(t), t.logs())
         c1 = lab.containers[0]
         client, server = transfer(lab, c1.ns, lab.host_ns, c1.ip, "send")
-        assert client["ok"] and server["ok"] and server["bytes"] == TRANSFER_BYTES, (client, server)
-        client, server = transfer(lab, lab.host_ns, c1.ns, TUNNEL_HOST_IP, "send", port=5602)
+        assert client["ok"] and server["ok"] and server["bytes"] == TRANSFER_BYTES, (
+            client,
+            server,
+        )
+        client, server = transfer(
+            lab, lab.host_ns, c1.ns, TUNNEL_HOST_IP, "send", port=5602
+        )
         assert client["ok"] and server["ok"], (client, server)
         host = t.status("host")
         reader = next(p for p in host["processes"] if p["name"] == "reader0")

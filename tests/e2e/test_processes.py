@@ -12,14 +12,20 @@ from tests.e2e.helpers import wait_for
 pytestmark = root_marks()
 
 
-
 def ping(lab, ip):
-    return lab.run(lab.host_ns, "ping", "-c", "2", "-i", "0.2", "-W", "2", str(ip), check=False).returncode == 0
+    return (
+        lab.run(
+            lab.host_ns, "ping", "-c", "2", "-i", "0.2", "-W", "2", str(ip), check=False
+        ).returncode
+        == 0
+    )
 
 
 def test_without_cap_net_admin_run_fails_in_one_line_and_leaves_nothing(lab, tmp_path):
     conf = tmp_path / "host.conf"
-    conf.write_text(f"host {lab.host_ip}\nroute 172.18.0.0/16\nsocket {tmp_path}/h.sock\nstate {tmp_path}/s\n")
+    conf.write_text(
+        f"host {lab.host_ip}\nroute 172.18.0.0/16\nsocket {tmp_path}/h.sock\nstate {tmp_path}/s\n"
+    )
     before = lab.snapshot(lab.host_ns)
     res = lab.run(
         lab.host_ns, "setpriv", "--bounding-set=-net_admin", "--inh-caps=-net_admin", "--",
@@ -39,7 +45,17 @@ def test_busy_port_is_one_clear_line(lab, tmp_path):
     blocker.bind((str(lab.host_ip), 2511))
     try:
         t = Tunnel(lab, tmp_path / "t")
-        res = lab.run(lab.host_ns, sys.executable, "-m", "fastfwd", "run", "-c", t.config, check=False, cwd=os.getcwd())
+        res = lab.run(
+            lab.host_ns,
+            sys.executable,
+            "-m",
+            "fastfwd",
+            "run",
+            "-c",
+            t.config,
+            check=False,
+            cwd=os.getcwd(),
+        )
     finally:
         blocker.close()
     assert res.returncode == 3
@@ -80,12 +96,18 @@ def test_killed_vm_side_leaves_rules_that_the_next_start_purges(lab, tmp_path):
         t.stop_vm(signal.SIGKILL)
         stale = lab.iptables(lab.vm_ns, "-S")
         assert "fastfwd:fastfwd0" in stale
-        assert wait_for(lambda: "fastfwd0" not in lab.run(lab.vm_ns, "ip", "link").stdout), "TUN survived its processes"
+        assert wait_for(
+            lambda: "fastfwd0" not in lab.run(lab.vm_ns, "ip", "link").stdout
+        ), "TUN survived its processes"
         t.start_vm()
         t.wait_ready()
         # The host moves to the new VM side once the old one fell silent.
         assert wait_for(lambda: t.status("host")["peer"] != old_peer, 20), t.logs()
-        rules = [line for line in lab.iptables(lab.vm_ns, "-S").splitlines() if "fastfwd:fastfwd0" in line]
+        rules = [
+            line
+            for line in lab.iptables(lab.vm_ns, "-S").splitlines()
+            if "fastfwd:fastfwd0" in line
+        ]
         assert len(rules) == 2, rules  # one set, not two
         assert ping(lab, lab.containers[0].ip)
     finally:
@@ -95,9 +117,22 @@ def test_killed_vm_side_leaves_rules_that_the_next_start_purges(lab, tmp_path):
 
 def test_a_second_instance_on_the_same_device_is_refused(lab, tunnel, tmp_path):
     conf = tmp_path / "second.conf"
-    conf.write_text(f"host {lab.host_ip}\nport 2600\nsocket {tmp_path}/2.sock\nstate {tmp_path}/2.state\n")
+    conf.write_text(
+        f"host {lab.host_ip}\nport 2600\nsocket {tmp_path}/2.sock\nstate {tmp_path}/2.state\n"
+    )
     routes = tunnel.status("host")["routes"]
-    res = lab.run(lab.host_ns, sys.executable, "-m", "fastfwd", "run", "-c", str(conf), check=False, cwd=os.getcwd(), timeout=60)
+    res = lab.run(
+        lab.host_ns,
+        sys.executable,
+        "-m",
+        "fastfwd",
+        "run",
+        "-c",
+        str(conf),
+        check=False,
+        cwd=os.getcwd(),
+        timeout=60,
+    )
     assert res.returncode == 3, res.stderr
     assert "exists and is in use" in res.stderr
     res = lab.run(lab.vm_ns, sys.executable, "-m", "fastfwd", "connect", "-host", str(lab.host_ip),
@@ -116,9 +151,16 @@ def test_control_process_killed_twice_in_a_row_is_still_restarted(lab, tunnel):
     second = wait_for(lambda: (p := _pid(tunnel, "host", "control")) != first and p, 20)
     # Kill the replacement at once, before it can settle.
     os.kill(second, signal.SIGKILL)
-    third = wait_for(lambda: (p := _pid(tunnel, "host", "control")) not in (first, second) and p, 30)
+    third = wait_for(
+        lambda: (p := _pid(tunnel, "host", "control")) not in (first, second) and p, 30
+    )
     assert third, tunnel.logs()
-    assert next(p for p in tunnel.status("host")["processes"] if p["name"] == "control")["restarts"] == 2
+    assert (
+        next(p for p in tunnel.status("host")["processes"] if p["name"] == "control")[
+            "restarts"
+        ]
+        == 2
+    )
     assert wait_for(lambda: ping(lab, lab.containers[0].ip)), tunnel.logs()
 
 

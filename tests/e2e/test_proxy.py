@@ -45,7 +45,6 @@ sys.stdout.write(data.decode().split("\\r\\n\\r\\n", 1)[1])
 """
 
 
-
 def web_server(lab, tmp_path, ip, port, text):
     """``python -m http.server`` on ip:port in the host namespace, serving
     ``text`` as /index.txt; returns once it accepts connections."""

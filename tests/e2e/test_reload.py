@@ -13,8 +13,6 @@ from tests.e2e.helpers import wait_for
 pytestmark = root_marks()
 
 
-
-
 def test_config_file_changes_are_followed_and_bad_files_change_nothing(lab, tmp_path):
     b1, b2 = (str(b.subnet) for b in lab.bridges)
     t = Tunnel(lab, tmp_path / "t", routes=[b1])
@@ -27,7 +25,17 @@ def test_config_file_changes_are_followed_and_bad_files_change_nothing(lab, tmp_
         with open(t.config, "a") as f:
             f.write(f"route {b2}\n")
         assert wait_for(lambda: kernel_routes(lab) == sorted([b1, b2])), t.logs()
-        assert lab.run(lab.host_ns, "ping", "-c1", "-W2", str(lab.containers[1].ip), check=False).returncode == 0
+        assert (
+            lab.run(
+                lab.host_ns,
+                "ping",
+                "-c1",
+                "-W2",
+                str(lab.containers[1].ip),
+                check=False,
+            ).returncode
+            == 0
+        )
 
         # an editor's save: write a temporary file, rename it over the original
         tmp = t.config + ".swp"
@@ -43,7 +51,17 @@ def test_config_file_changes_are_followed_and_bad_files_change_nothing(lab, tmp_
         assert ":".join(["host.conf", str(len(base.splitlines()) + 2)]) in t.logs()
         time.sleep(0.5)
         assert kernel_routes(lab) == [b1]
-        assert lab.run(lab.host_ns, "ping", "-c1", "-W2", str(lab.containers[0].ip), check=False).returncode == 0
+        assert (
+            lab.run(
+                lab.host_ns,
+                "ping",
+                "-c1",
+                "-W2",
+                str(lab.containers[0].ip),
+                check=False,
+            ).returncode
+            == 0
+        )
 
         # deleted: the running configuration stays; re-created: applied
         os.unlink(t.config)

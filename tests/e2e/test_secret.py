@@ -17,13 +17,20 @@ def start(lab, tmp_path, vm_secret):
     secret_file = tmp_path / "secret"
     secret_file.write_text(vm_secret + "\n")
     os.chmod(secret_file, 0o600)
-    t = Tunnel(lab, tmp_path / "t", lines=[f"secret {SECRET}"], vm_args=["--secret-file", str(secret_file)])
+    t = Tunnel(
+        lab,
+        tmp_path / "t",
+        lines=[f"secret {SECRET}"],
+        vm_args=["--secret-file", str(secret_file)],
+    )
     t.start_host()
     t.start_vm()
     return t
 
 
-def test_with_a_secret_a_stranger_cannot_take_the_tunnel_from_a_restarted_vm_side(lab, tmp_path):
+def test_with_a_secret_a_stranger_cannot_take_the_tunnel_from_a_restarted_vm_side(
+    lab, tmp_path
+):
     t = start(lab, tmp_path, SECRET)
     stranger = socket_in(lab.vm_ns)
     try:
@@ -44,7 +51,17 @@ def test_with_a_secret_a_stranger_cannot_take_the_tunnel_from_a_restarted_vm_sid
         # without waiting for the old peer's silence, and never the stranger.
         peer = wait_for(lambda: (p := t.status("host")["peer"]) != first and p, 10)
         assert peer and peer != "%s:%d" % stranger.getsockname(), t.logs()
-        assert lab.run(lab.host_ns, "ping", "-c2", "-W2", str(lab.containers[0].ip), check=False).returncode == 0
+        assert (
+            lab.run(
+                lab.host_ns,
+                "ping",
+                "-c2",
+                "-W2",
+                str(lab.containers[0].ip),
+                check=False,
+            ).returncode
+            == 0
+        )
     finally:
         stranger.close()
         t.stop()
@@ -56,6 +73,16 @@ def test_a_vm_side_with_the_wrong_secret_is_never_the_peer(lab, tmp_path):
         assert wait_for(lambda: t.status("host")["rejected_hellos"] > 0, 10), t.logs()
         time.sleep(1)
         assert t.status("host")["peer"] is None
-        assert lab.run(lab.host_ns, "ping", "-c1", "-W1", str(lab.containers[0].ip), check=False).returncode != 0
+        assert (
+            lab.run(
+                lab.host_ns,
+                "ping",
+                "-c1",
+                "-W1",
+                str(lab.containers[0].ip),
+                check=False,
+            ).returncode
+            != 0
+        )
     finally:
         t.stop()

@@ -16,16 +16,37 @@ TUNNEL_HOST_IP = "192.168.251.2"
 
 
 def ping(lab, ns, ip, count=3):
-    return lab.run(ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", str(ip), check=False)
+    return lab.run(
+        ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", str(ip), check=False
+    )
 
 
-def transfer(lab, server_ns, client_ns, host, direction, nbytes=TRANSFER_BYTES, port=5601, seed="t"):
+def transfer(
+    lab,
+    server_ns,
+    client_ns,
+    host,
+    direction,
+    nbytes=TRANSFER_BYTES,
+    port=5601,
+    seed="t",
+):
     """A checksummed TCP transfer; ``direction`` is "send" (client to server)
     or "recv" (server to client)."""
     stream = ["--bytes", str(nbytes), "--seed", seed, "--timeout", "120"]
     mode = "recv" if direction == "send" else "send"
-    server = lab.popen(server_ns, *tcpcheck.argv("serve", "--port", str(port), "--mode", mode, *stream), stdout=-1, text=True)
-    client = lab.run(client_ns, *tcpcheck.argv(direction, "--host", str(host), "--port", str(port), *stream), check=False, timeout=150)
+    server = lab.popen(
+        server_ns,
+        *tcpcheck.argv("serve", "--port", str(port), "--mode", mode, *stream),
+        stdout=-1,
+        text=True,
+    )
+    client = lab.run(
+        client_ns,
+        *tcpcheck.argv(direction, "--host", str(host), "--port", str(port), *stream),
+        check=False,
+        timeout=150,
+    )
     out, _ = server.communicate(timeout=30)
     return tcpcheck.parse(client.stdout), tcpcheck.parse(out)
 
@@ -53,7 +74,9 @@ def test_tcp_transfer_container_to_host_arrives_intact(lab, tunnel):
     client, server = transfer(lab, lab.host_ns, c2.ns, TUNNEL_HOST_IP, "recv")
     assert client["ok"] and server["ok"], (client, server)
     # And the other way: the container sends, the host receives.
-    client, server = transfer(lab, lab.host_ns, c2.ns, TUNNEL_HOST_IP, "send", port=5602)
+    client, server = transfer(
+        lab, lab.host_ns, c2.ns, TUNNEL_HOST_IP, "send", port=5602
+    )
     assert client["ok"] and server["ok"], (client, server)
     assert server["sha256"] == tcpcheck.digest(TRANSFER_BYTES, "t")
 
@@ -64,7 +87,9 @@ def test_container_reaches_the_host_tunnel_address(lab, tunnel):
 
 
 def _pair_rules(lab, b1, b2):
-    rules = [line for line in lab.iptables(lab.vm_ns, "-S").splitlines() if "fastfwd" in line]
+    rules = [
+        line for line in lab.iptables(lab.vm_ns, "-S").splitlines() if "fastfwd" in line
+    ]
     return [r for r in rules if b1.name in r and b2.name in r]
 
 
@@ -102,7 +127,10 @@ def test_host_follows_a_restarted_vm_side(lab, tunnel):
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         peer = tunnel.status("host")["peer"]
-        if peer != before and ping(lab, lab.host_ns, lab.containers[0].ip, count=1).returncode == 0:
+        if (
+            peer != before
+            and ping(lab, lab.host_ns, lab.containers[0].ip, count=1).returncode == 0
+        ):
             break
         time.sleep(0.5)
     assert tunnel.status("host")["peer"] != before
@@ -130,13 +158,21 @@ def test_sigterm_leaves_no_route_rule_or_device_behind(lab, tmp_path, side):
     from lab.tunnel import Tunnel
 
     before = {ns: lab.snapshot(ns) for ns in (lab.host_ns, lab.vm_ns)}
-    t = Tunnel(lab, tmp_path / "t", lines=[f"iptables {lab.bridges[0].subnet.network_address}+{lab.bridges[1].subnet.network_address}"])
+    t = Tunnel(
+        lab,
+        tmp_path / "t",
+        lines=[
+            f"iptables {lab.bridges[0].subnet.network_address}+{lab.bridges[1].subnet.network_address}"
+        ],
+    )
     t.start()
     try:
         during = {ns: lab.snapshot(ns) for ns in (lab.host_ns, lab.vm_ns)}
         assert during != before  # the tunnel did change both namespaces
         assert "-i fastfwd0" in during[lab.vm_ns]["iptables"]["raw"]
-        first, second = (t.stop_host, t.stop_vm) if side == "host" else (t.stop_vm, t.stop_host)
+        first, second = (
+            (t.stop_host, t.stop_vm) if side == "host" else (t.stop_vm, t.stop_host)
+        )
         codes = [first(signal.SIGTERM), second(signal.SIGTERM)]
     finally:
         t.stop()

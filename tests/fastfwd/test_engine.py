@@ -28,11 +28,20 @@ def rig(counters):
     ctl_a.setblocking(False)
     ctl_b.settimeout(2.0)
     r = type("Rig", (), {})()
-    r.loop, r.tun, r.sock, r.peer, r.control, r.counters = loop, tun, ours, peer, ctl_b, counters
+    r.loop, r.tun, r.sock, r.peer, r.control, r.counters = (
+        loop,
+        tun,
+        ours,
+        peer,
+        ctl_b,
+        counters,
+    )
     r.reader_slot = counters.slot(0)
     r.writer_slot = counters.slot(1)
     r.reader = engine.Reader(loop, tun.engine_fd, ours, r.reader_slot, connected=False)
-    r.writer = engine.Writer(loop, tun.engine_fd, ours, r.writer_slot, ctl_a, connected=False)
+    r.writer = engine.Writer(
+        loop, tun.engine_fd, ours, r.writer_slot, ctl_a, connected=False
+    )
     r.spin = lambda: loop.run_until_complete(asyncio.sleep(0.05))
     yield r
     for h in (r.reader, r.writer):
@@ -119,7 +128,14 @@ def test_writer_drops_malformed_and_empty_datagrams(rig):
 def _connected_writer(rig):
     rig.sock.connect(rig.peer.getsockname())
     rig.peer.connect(rig.sock.getsockname())
-    w = engine.Writer(rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot, rig.writer._channel, connected=True)
+    w = engine.Writer(
+        rig.loop,
+        rig.tun.engine_fd,
+        rig.sock,
+        rig.writer_slot,
+        rig.writer._channel,
+        connected=True,
+    )
     w.set_peer([rig.peer.getsockname()])
     w.start()
     return w
@@ -164,7 +180,14 @@ def test_vm_writer_abandons_a_body_whose_chunk_never_comes(rig, monkeypatch):
 
 
 def test_vm_writer_takes_nothing_from_strangers_before_its_host_is_known(rig):
-    w = engine.Writer(rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot, rig.writer._channel, connected=True)
+    w = engine.Writer(
+        rig.loop,
+        rig.tun.engine_fd,
+        rig.sock,
+        rig.writer_slot,
+        rig.writer._channel,
+        connected=True,
+    )
     w.start()
     body = b"connect 172.18.0.0 172.19.0.0"
     for d in frames.control_datagrams(body, 1400) + [ipv4_packet()]:
@@ -199,7 +222,12 @@ def test_host_writer_throttles_a_stranger_flooding_heartbeats(rig):
     assert handed <= engine.STRANGER_BURST + 10
     received = rig.writer_slot[st.PKTS_IN]  # the kernel may drop some of 300
     assert received > engine.STRANGER_BURST + 10
-    assert rig.writer_slot[st.DROPS_THROTTLED] + handed + rig.writer_slot[st.DROPS_CONTROL_FULL] == received
+    assert (
+        rig.writer_slot[st.DROPS_THROTTLED]
+        + handed
+        + rig.writer_slot[st.DROPS_CONTROL_FULL]
+        == received
+    )
 
 
 def test_writer_counts_ip_junk_shorter_than_a_header_as_malformed(rig):
@@ -222,12 +250,25 @@ def test_vm_writer_aborts_a_body_longer_than_announced(rig):
     assert rig.writer_slot[st.CONTROL_BODIES] == 0
 
 
-def test_reader_sends_runs_of_equal_packets_as_separate_datagrams_in_order(rig, counters):
-    reader = engine.Reader(rig.loop, rig.tun.engine_fd, rig.sock, counters.slot(0), connected=False, gso=True)
+def test_reader_sends_runs_of_equal_packets_as_separate_datagrams_in_order(
+    rig, counters
+):
+    reader = engine.Reader(
+        rig.loop,
+        rig.tun.engine_fd,
+        rig.sock,
+        counters.slot(0),
+        connected=False,
+        gso=True,
+    )
     reader.set_peer(rig.peer.getsockname())
     reader.start()
     packets = [ipv4_packet(bytes([i]) * 1000) for i in range(4)]
-    packets += [ipv4_packet(b"s" * 500), ipv4_packet(b"L" * 1300), ipv4_packet(b"L" * 1300)]
+    packets += [
+        ipv4_packet(b"s" * 500),
+        ipv4_packet(b"L" * 1300),
+        ipv4_packet(b"L" * 1300),
+    ]
     for p in packets:
         rig.tun.inject(p)
     rig.spin()
@@ -241,14 +282,28 @@ def test_writer_splits_a_run_received_with_udp_gro(rig):
     from fastfwd.endpoints import _tune
 
     _tune(rig.sock)  # turns UDP_GRO on
-    w = engine.Writer(rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot, rig.writer._channel, connected=False)
+    w = engine.Writer(
+        rig.loop,
+        rig.tun.engine_fd,
+        rig.sock,
+        rig.writer_slot,
+        rig.writer._channel,
+        connected=False,
+    )
     assert w._gro
     w.set_peer([rig.peer.getsockname()])
     w.start()
-    packets = [ipv4_packet(bytes([i]) * 1000) for i in range(5)] + [ipv4_packet(b"t" * 300)]
+    packets = [ipv4_packet(bytes([i]) * 1000) for i in range(5)] + [
+        ipv4_packet(b"t" * 300)
+    ]
     run = b"".join(packets)
     seg = len(packets[0])
-    rig.peer.sendmsg([run], [(engine.SOL_UDP, engine.UDP_SEGMENT, seg.to_bytes(2, "little"))], 0, rig.sock.getsockname())
+    rig.peer.sendmsg(
+        [run],
+        [(engine.SOL_UDP, engine.UDP_SEGMENT, seg.to_bytes(2, "little"))],
+        0,
+        rig.sock.getsockname(),
+    )
     rig.spin()
     w.stop()
     assert [rig.tun.written() for _ in packets] == packets

@@ -59,7 +59,14 @@ def test_looks_like_ip_packet_tells_packets_from_control_text():
 
 
 def test_hello_round_trip_with_ports_digest_and_networks():
-    hello = frames.Hello(1, frames.CAP_OFFLOAD | frames.CAP_NETWORKS, 1400, (40000, 40001), 0xDEADBEEF, ("172.18.0.0/16", "10.5.0.0/24"))
+    hello = frames.Hello(
+        1,
+        frames.CAP_OFFLOAD | frames.CAP_NETWORKS,
+        1400,
+        (40000, 40001),
+        0xDEADBEEF,
+        ("172.18.0.0/16", "10.5.0.0/24"),
+    )
     assert frames.decode_hello(frames.encode_hello(hello)) == hello
 
 
@@ -72,20 +79,29 @@ def test_malformed_hellos_are_rejected():
 
 
 def test_pairs_digest_ignores_order_within_and_between_pairs():
-    a = frames.pairs_digest([("172.18.0.0", "172.19.0.0"), ("172.20.0.0", "172.21.0.0")])
-    b = frames.pairs_digest([("172.21.0.0", "172.20.0.0"), ("172.19.0.0", "172.18.0.0")])
+    a = frames.pairs_digest(
+        [("172.18.0.0", "172.19.0.0"), ("172.20.0.0", "172.21.0.0")]
+    )
+    b = frames.pairs_digest(
+        [("172.21.0.0", "172.20.0.0"), ("172.19.0.0", "172.18.0.0")]
+    )
     assert a == b != frames.pairs_digest([])
 
 
 def test_split_bodies_keeps_each_body_under_64k_and_names_together():
-    pairs = [("connect", f"10.{i // 256}.{i % 256}.0", f"10.200.{i % 256}.0") for i in range(4000)]
+    pairs = [
+        ("connect", f"10.{i // 256}.{i % 256}.0", f"10.200.{i % 256}.0")
+        for i in range(4000)
+    ]
     names = [("dns", "dev.test"), ("host", "192.168.251.2", "a.dev.test", "b.dev.test")]
     bodies = frames.split_bodies(pairs, keep_together=names)
     assert len(bodies) >= 2
     assert all(len(b) <= frames.MAX_CONTROL_BODY_BYTES for b in bodies)
     decoded = [frames.decode_commands(b) for b in bodies]
     assert sum(len(d) for d in decoded) == len(pairs) + len(names)
-    assert [c for d in decoded for c in d if c[0] in ("dns", "host")] == decoded[-1][-2:]
+    assert [c for d in decoded for c in d if c[0] in ("dns", "host")] == decoded[-1][
+        -2:
+    ]
 
 
 def test_split_bodies_of_a_small_set_is_one_body():
