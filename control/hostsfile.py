@@ -191,20 +191,30 @@ class HostsNames:
             return []
         commands = [("dns", *(f"-{s}" for s in sorted(self.retired)), *suffixes)]
         used = len(frames.encode_commands(commands))
-        hosts = host_commands(chosen)
-        for i, command in enumerate(hosts):
-            used += len(" ".join(command)) + 1
-            if used > NAMES_BUDGET_BYTES:
-                # LIMIT: a control body holds at most 64 KiB (16-bit length
-                # on the wire); addresses past that budget are not published.
-                if self.dropped_warned != len(hosts) - i:
-                    self.dropped_warned = len(hosts) - i
-                    log.warning(
-                        "hosts entries not published, control body full addresses=%d",
-                        len(hosts) - i,
-                    )
-                hosts = hosts[:i]
-                break
+        published, dropped = [], 0
+        # Small groups first: one address with thousands of names must not
+        # crowd out every other address.
+        for command in sorted(host_commands(chosen), key=len):
+            ip, names = command[1], command[2:]
+            room = NAMES_BUDGET_BYTES - used - len(f",host {ip}")
+            kept = []
+            for name in names:
+                if room - (len(name) + 1) < 0:
+                    break
+                room -= len(name) + 1
+                kept.append(name)
+            dropped += len(names) - len(kept)
+            if kept:
+                published.append(("host", ip, *kept))
+                used += len(" ".join(published[-1])) + 1
+        if dropped and self.dropped_warned != dropped:
+            # LIMIT: a control body holds at most 64 KiB (16-bit length on
+            # the wire); names past that budget are not published.
+            self.dropped_warned = dropped
+            log.warning(
+                "hosts entries not published, control body full names=%d", dropped
+            )
+        hosts = published
         return commands + hosts
 
     def commands(self):

@@ -25,6 +25,7 @@ from fastfwd.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ROUTE_CHECK_S = 2.0
+REPAIR_INTERVAL_S = 2.0
 # Signed hellos are accepted within this distance of the host's clock.
 HELLO_CLOCK_SKEW_MS = 60_000
 
@@ -52,6 +53,7 @@ class HostSide(Side):
         self.gone_pairs = set()  # pairs connected earlier in this run, now not
         self.docker_networks = set()  # bridge networks the VM side reported
         self.last_auth_ms = 0  # time stamp of the newest signed hello accepted
+        self.next_repair = 0.0
         self.rejected_hellos = 0
         self.names = HostsNames(spec.get("config"), self.push_controls)
 
@@ -223,6 +225,11 @@ class HostSide(Side):
 
     def on_hello(self, src, hello, now):
         """A fastfwd VM side announced itself: answer, and use what it can do."""
+        if hello.version != frames.HELLO_VERSION or not 576 <= hello.mtu <= 65535:
+            log.debug(
+                "hello ignored src=%s version=%d mtu=%d", src, hello.version, hello.mtu
+            )
+            return
         our_caps = frames.CAP_OFFLOAD if self.vnet_hdr and self.cfg.offload else 0
         try:
             reply = frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)
@@ -251,14 +258,18 @@ class HostSide(Side):
         if (
             hello.caps & frames.CAP_RESET_PAIRS
             and hello.pairs_digest != self.pairs_digest()
+            and now >= self.next_repair
         ):
             # The VM side's pairs differ from ours (a lost datagram, a
-            # restart): send the whole set again.
+            # restart): send the whole set again, at most once per interval
+            # however fast hellos come.
+            self.next_repair = now + REPAIR_INTERVAL_S
             self.push_controls()
         if old is None or old.networks != hello.networks:
-            self.docker_networks = (
+            networks = (
                 set(hello.networks) if hello.caps & frames.CAP_NETWORKS else set()
             )
+            self.docker_networks = {n for n in networks if _routable(n)}
             if self.cfg.docker_routes:
                 self.loop.create_task(self.reconcile_routes())
 
@@ -469,6 +480,12 @@ class HostSide(Side):
                 "error": "lines must be a list of single-line strings",
             }
         text = "\n".join(lines)
+        if not text.strip():
+            return {
+                "ok": False,
+                "code": "bad_request",
+                "error": "no configuration line given",
+            }
         try:
             new = cfgmod.parse_text(text, "<config>", base=self.cfg)
         except ConfigError as exc:
@@ -524,6 +541,17 @@ class HostSide(Side):
         )
         out["names"] = self.names.statistics()
         return out
+
+
+def _routable(text):
+    """Whether a network a VM side reports may be routed into the tunnel:
+    unicast, not loopback, link-local, multicast or reserved, at least /8."""
+    net = ipaddress.IPv4Network(text)
+    addr = net.network_address
+    return net.prefixlen >= 8 and not (
+        addr.is_multicast or addr.is_loopback or addr.is_link_local
+        or addr.is_reserved or addr.is_unspecified or net.broadcast_address.is_multicast
+    )  # fmt: skip
 
 
 def _state_line(path):

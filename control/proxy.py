@@ -100,6 +100,7 @@ class ProxySet:
     def __init__(self, listen_ip):
         self.listen_ip = str(listen_ip)
         self._loop = asyncio.get_running_loop()
+        self._wanted_ports = set()
         self._listeners = {}  # LISTEN port -> _Listener
         self._relays = set()  # every open connection's task, removed lines' too
         self._lock = asyncio.Lock()
@@ -130,6 +131,7 @@ class ProxySet:
             if self._closed:
                 raise RuntimeError("apply() after close()")
             wanted = {p.listen: p for p in proxies}
+            self._wanted_ports = set(wanted)
             for port in [p for p in self._listeners if p not in wanted]:
                 self._remove(port)
             for port, proxy in wanted.items():
@@ -169,8 +171,11 @@ class ProxySet:
 
     async def _listen(self, lst):
         addr = (self.listen_ip, lst.proxy.listen)
-        if lst.target == addr:
-            lst.error = "the target is the proxy's own address"
+        # A target that is any proxy's listening address would relay into
+        # itself, directly or around a loop of lines.
+        listening = {(self.listen_ip, port) for port in self._wanted_ports}
+        if lst.target in listening:
+            lst.error = "the target is a proxy's own listening address"
         else:
             try:
                 lst.server = await asyncio.start_server(

@@ -320,6 +320,13 @@ class VmSide(Side):
         if now >= self._next_network_scan:
             self._next_network_scan = now + NETWORK_SCAN_S
             networks = await self.nl.run(self.bridge_networks)
+            if len(networks) > frames.MAX_HELLO_NETWORKS and len(self.networks) != len(
+                networks
+            ):
+                log.warning(
+                    "too many bridge networks to report networks=%d reported=%d",
+                    len(networks), frames.MAX_HELLO_NETWORKS,
+                )  # fmt: skip
             if networks != self.networks:
                 log.info(
                     "bridge networks changed networks=%s",

@@ -8,6 +8,7 @@ nothing is left half made.
 import errno
 import os
 import socket
+import time
 
 from fastfwd import linux
 from fastfwd.errors import DeviceError, PermissionProblem, TransportError
@@ -40,7 +41,26 @@ def open_tun(name, queues, vnet_hdr=False):
         raise _tun_error(name, exc) from exc
 
 
+BUSY_WAIT_S = 5.0
+
+
 def _open_queues(name, queues, vnet_hdr):
+    """Open the queues; a device still held by an instance that is shutting
+    down (EBUSY) is waited for, up to BUSY_WAIT_S."""
+    deadline = time.monotonic() + BUSY_WAIT_S
+    while True:
+        try:
+            return _open_queues_once(name, queues, vnet_hdr)
+        except OSError as exc:
+            if (
+                exc.errno not in (errno.EBUSY, errno.EEXIST)
+                or time.monotonic() > deadline
+            ):
+                raise
+            time.sleep(0.1)
+
+
+def _open_queues_once(name, queues, vnet_hdr):
     fds = []
     try:
         fd, actual = linux.open_tun_queue(name, vnet_hdr=vnet_hdr, create=True)

@@ -135,8 +135,12 @@ class Supervisor:
             cleanup_only=cleanup_only,
             loglevel=self.loglevel,
         )
+        # The control process holds a TUN queue too, unused: the device then
+        # outlives the workers until the control process has finished
+        # undoing its rules, so a new instance cannot start on the same
+        # device and have its fresh rules purged by the old one's clean-up.
         fds = [s.fileno() for s in self.udp_socks]
-        fds += [self.sup_theirs.fileno(), self.stats_fd]
+        fds += [self.sup_theirs.fileno(), self.stats_fd, self.tun_fds[0]]
         fds += [ctl.fileno() for _, _, ctl, _ in self.channels]
         argv = [sys.executable, "-m", "control.process", "--spec", json.dumps(spec)]
         env = dict(os.environ, **self.control_env) if self.control_env else None

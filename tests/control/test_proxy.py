@@ -210,7 +210,20 @@ def test_target_equal_to_the_listen_address_is_refused(run):
         port = free_port()
         proxies = ProxySet(LO)
         failed = await proxies.apply([Proxy(LO, port, port)])
-        assert failed == {f"proxy {LO}:{port}": "the target is the proxy's own address"}
+        assert failed == {
+            f"proxy {LO}:{port}": "the target is a proxy's own listening address"
+        }
+        await proxies.close()
+
+    run(main())
+
+
+def test_two_lines_pointing_at_each_other_are_refused(run):
+    async def main():
+        a, b = free_port(), free_port()
+        proxies = ProxySet(LO)
+        failed = await proxies.apply([Proxy(LO, a, b), Proxy(LO, b, a)])
+        assert set(failed) == {f"proxy {LO}:{a}:{b}", f"proxy {LO}:{b}:{a}"}
         await proxies.close()
 
     run(main())
