@@ -352,10 +352,26 @@ def format_status(status):
         "refused_routes",
         "pairs",
         "pending_pairs",
+        "networks",
+        "docker_networks",
         "control_pushes",
+        "peer_mtu",
+        "rejected_hellos",
     ):
         if key in status:
             lines.append(f"{key:15} {_plain(status[key])}")
+    for key in ("names", "dns"):
+        if status.get(key):
+            lines.append(f"{key:15} {_plain(status[key])}")
+    for line, proxy in (status.get("proxies") or {}).items():
+        state = (
+            "listening"
+            if proxy.get("listening")
+            else f"not listening: {proxy.get('error')}"
+        )
+        lines.append(
+            f"{'proxy':15} {line} -> {proxy.get('target')} {state} connections {proxy.get('connections', 0)}"
+        )
     lines.append(
         f"{'process':9} {'pid':>7} {'pkts_in':>10} {'pkts_out':>10} {'MB_out':>9} {'drops':>7} {'cpu_s':>7} {'pss_MB':>7} restarts"
     )
@@ -374,7 +390,7 @@ def _plain(value):
     if value is None:
         return "-"
     if isinstance(value, dict):
-        return ", ".join(f"{k} ({v})" for k, v in value.items()) or "-"
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items()) or "-"
     if isinstance(value, list):
         return ", ".join(str(v) for v in value) or "-"
     return str(value)
