@@ -54,6 +54,7 @@ class HostSide(Side):
         self.docker_networks = set()  # bridge networks the VM side reported
         self.last_auth_ms = 0  # time stamp of the newest signed hello accepted
         self.next_repair = 0.0
+        self.closing = False
         self.rejected_hellos = 0
         self.names = HostsNames(spec.get("config"), self.push_controls)
 
@@ -129,6 +130,7 @@ class HostSide(Side):
             )
 
     async def teardown(self):
+        self.closing = True  # no route change may follow the removal below
         self.names.close()
         if self.watch_task is not None:
             self.watch_task.cancel()
@@ -230,7 +232,11 @@ class HostSide(Side):
                 "hello ignored src=%s version=%d mtu=%d", src, hello.version, hello.mtu
             )
             return
-        our_caps = frames.CAP_OFFLOAD if self.vnet_hdr and self.cfg.offload else 0
+        our_caps = (
+            frames.CAP_OFFLOAD | frames.CAP_SEGMENTS
+            if self.vnet_hdr and self.cfg.offload
+            else 0
+        )
         try:
             reply = frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)
             self.socks[0].sendto(frames.encode_hello(reply, self.secret), src)
@@ -276,7 +282,7 @@ class HostSide(Side):
     def wanted_framing(self):
         if self.peer_hello is None or not (self.vnet_hdr and self.cfg.offload):
             return "compat"
-        return "offload" if self.peer_hello.caps & frames.CAP_OFFLOAD else "compat"
+        return _framing_for(self.peer_hello.caps)
 
     def send_peer(self):
         """Tell every worker where the peer is and how to frame for it."""
@@ -293,7 +299,10 @@ class HostSide(Side):
             self.framing = framing
         self.to_workers(
             messages.pack(
-                messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing
+                messages.SET_PEER,
+                addrs=messages.peers_to_wire(addrs),
+                framing=framing,
+                segment_bytes=self.cfg.mtu,
             )
         )
 
@@ -332,6 +341,8 @@ class HostSide(Side):
         return list(routes.values())
 
     async def reconcile_routes(self):
+        if self.closing:
+            return [], []
         return await self.nl.run(self.routes.reconcile, self.wanted_routes())
 
     # control pushes
@@ -541,6 +552,15 @@ class HostSide(Side):
         )
         out["names"] = self.names.statistics()
         return out
+
+
+def _framing_for(caps):
+    """The best framing a fastfwd peer with these capabilities accepts."""
+    if caps & frames.CAP_SEGMENTS:
+        return "segments"
+    if caps & frames.CAP_OFFLOAD:
+        return "offload"
+    return "compat"
 
 
 def _routable(text):

@@ -20,6 +20,7 @@ from control import messages
 from control.dns import NameService
 from control.peer import HEARTBEAT_S, HELLO_LEASE_S
 from control.process import Side
+from control.hostside import _framing_for
 from control.routes import Netlink
 from fastfwd import frames
 
@@ -53,6 +54,7 @@ class VmSide(Side):
         self.framing = "compat"
         self.mtu_warned = None
         self.networks = set()  # bridge networks, reported to a fastfwd host
+        self.closing = False  # teardown started: no more rule changes
         self._next_network_scan = 0.0
         self.nl = None
         self.ipt = None
@@ -93,18 +95,31 @@ class VmSide(Side):
         self.names.close()
         if self.resolve_task is not None:
             self.resolve_task.cancel()
-        await self.cleanup()
+        self.closing = True
         if self.nl is not None:
+            # In the netlink thread: after any rule change already queued
+            # there, so none lands behind the purge.
+            await self.nl.run(self._purge)
+            self._restore_ip_forward()
             self.nl.close()
+        else:
+            await self.cleanup()
 
     async def cleanup(self):
-        if self.firewall:
-            try:
-                backend = ipt.Iptables(ipt.detect_backend(), self.mark)
-                removed = backend.purge()
-                log.info("firewall rules removed count=%d", removed)
-            except ipt.IptablesError as exc:
-                log.warning("firewall cleanup failed reason=%s", exc)
+        self._purge()
+        self._restore_ip_forward()
+
+    def _purge(self):
+        if not self.firewall:
+            return
+        try:
+            backend = ipt.Iptables(ipt.detect_backend(), self.mark)
+            removed = backend.purge()
+            log.info("firewall rules removed count=%d", removed)
+        except ipt.IptablesError as exc:
+            log.warning("firewall cleanup failed reason=%s", exc)
+
+    def _restore_ip_forward(self):
         try:
             was = _read(self.ip_forward_marker)
         except OSError:
@@ -236,7 +251,7 @@ class VmSide(Side):
         host ignores it."""
         caps = frames.CAP_RESET_PAIRS | frames.CAP_NETWORKS
         if self.vnet_hdr:
-            caps |= frames.CAP_OFFLOAD
+            caps |= frames.CAP_OFFLOAD | frames.CAP_SEGMENTS
         hello = frames.Hello(
             frames.HELLO_VERSION, caps, self.mtu,
             ports=tuple(sock.getsockname()[1] for sock in self.socks),
@@ -279,19 +294,19 @@ class VmSide(Side):
             self.send_framing()
 
     def send_framing(self):
-        offload = (
-            self.vnet_hdr
-            and self.host_hello is not None
-            and self.host_hello.caps & frames.CAP_OFFLOAD
-        )
-        framing = "offload" if offload else "compat"
+        framing = "compat"
+        if self.vnet_hdr and self.host_hello is not None:
+            framing = _framing_for(self.host_hello.caps)
         if framing != self.framing:
             log.info("framing changed framing=%s", framing)
             self.framing = framing
         addrs = [self.host_addr] if self.host_addr else []
         self.to_workers(
             messages.pack(
-                messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing
+                messages.SET_PEER,
+                addrs=messages.peers_to_wire(addrs),
+                framing=framing,
+                segment_bytes=self.mtu,
             )
         )
 
@@ -427,7 +442,7 @@ class VmSide(Side):
         ``wanted`` is a snapshot of :attr:`pairs`; :attr:`applied` is only
         ever changed here, in the netlink thread.
         """
-        if self.ipt is None:
+        if self.ipt is None or self.closing:
             return
         for pair in list(self.applied.keys() - wanted):
             for table, chain, rule in self.applied.pop(pair):

@@ -95,7 +95,9 @@ class Worker:
                 self.engine.set_peer(
                     addrs[self.args.queue % len(addrs)] if addrs else None
                 )
-                self.set_framing(msg.get("framing", engine.COMPAT))
+                self.set_framing(
+                    msg.get("framing", engine.COMPAT), msg.get("segment_bytes", 0)
+                )
             else:
                 self.engine.set_peer(addrs)
             log.debug("peer set addrs=%s framing=%s", addrs, msg.get("framing"))
@@ -104,7 +106,7 @@ class Worker:
         elif op == messages.STOP:
             self._stop()
 
-    def set_framing(self, framing):
+    def set_framing(self, framing, segment_bytes=0):
         """Switch the reader's framing and the device's offloads together.
 
         The reader changes framing first, so that the kernel hands over
@@ -112,10 +114,11 @@ class Worker:
         already queued in the old shape are dropped and counted.
         """
         if framing == self.engine.framing:
+            self.engine.set_framing(framing, segment_bytes)
             return
-        self.engine.set_framing(framing)
+        self.engine.set_framing(framing, segment_bytes)
         try:
-            flags = linux.set_offload(self.args.tun_fd, framing == engine.OFFLOAD)
+            flags = linux.set_offload(self.args.tun_fd, framing != engine.COMPAT)
         except OSError as exc:
             log.warning("offload not enabled, staying compatible errno=%s", exc.errno)
             self.engine.set_framing(engine.COMPAT)
