@@ -232,11 +232,7 @@ class HostSide(Side):
                 "hello ignored src=%s version=%d mtu=%d", src, hello.version, hello.mtu
             )
             return
-        our_caps = (
-            frames.CAP_OFFLOAD | frames.CAP_SEGMENTS
-            if self.vnet_hdr and self.cfg.offload
-            else 0
-        )
+        our_caps = frames.CAP_OFFLOAD if self.vnet_hdr and self.cfg.offload else 0
         try:
             reply = frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)
             self.socks[0].sendto(frames.encode_hello(reply, self.secret), src)
@@ -302,7 +298,6 @@ class HostSide(Side):
                 messages.SET_PEER,
                 addrs=messages.peers_to_wire(addrs),
                 framing=framing,
-                segment_bytes=self.cfg.mtu,
             )
         )
 
@@ -556,8 +551,6 @@ class HostSide(Side):
 
 def _framing_for(caps):
     """The best framing a fastfwd peer with these capabilities accepts."""
-    if caps & frames.CAP_SEGMENTS:
-        return "segments"
     if caps & frames.CAP_OFFLOAD:
         return "offload"
     return "compat"

@@ -251,7 +251,7 @@ class VmSide(Side):
         host ignores it."""
         caps = frames.CAP_RESET_PAIRS | frames.CAP_NETWORKS
         if self.vnet_hdr:
-            caps |= frames.CAP_OFFLOAD | frames.CAP_SEGMENTS
+            caps |= frames.CAP_OFFLOAD
         hello = frames.Hello(
             frames.HELLO_VERSION, caps, self.mtu,
             ports=tuple(sock.getsockname()[1] for sock in self.socks),
@@ -306,7 +306,6 @@ class VmSide(Side):
                 messages.SET_PEER,
                 addrs=messages.peers_to_wire(addrs),
                 framing=framing,
-                segment_bytes=self.mtu,
             )
         )
 

@@ -39,8 +39,7 @@ BATCH_PKTS = 256
 # COMPAT batching: room for one packet (MTU < 2000), the buffer for a run
 # (UDP length limit), and the kernel's limit on segments per send.
 SLOT_BYTES = 2048
-UDP_MAX_PAYLOAD = 65507
-BATCH_BUFFER_BYTES = UDP_MAX_PAYLOAD + 1024  # room to build a SEGMENTS run
+BATCH_BUFFER_BYTES = 65507
 MAX_SEGMENTS = 64
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -60,14 +59,9 @@ STRANGER_BURST = 100.0
 # Reader framings: how a packet read from TUN becomes a datagram.
 COMPAT = "compat"  # one IP packet per datagram, exactly as the upstream
 OFFLOAD = "offload"  # OFFLOAD frame byte + virtio-net header + super-packet
-# Super-packets cut into MTU-sized SEGMENT frames sent as one UDP_SEGMENT run:
-# no IP fragmentation, and on a veth one buffer end to end (UDP_GRO).
-SEGMENTS = "segments"
 
 _VNET = linux.VNET_HDR_BYTES
 OFFLOAD_FRAME = frames.OFFLOAD
-SEGMENT_FRAME = frames.SEGMENT
-_SEG_HDR = frames.SEGMENT_HEADER
 
 
 class Reader:
@@ -109,7 +103,6 @@ class Reader:
         self._batch = bytearray(BATCH_BUFFER_BYTES)
         self._batch_view = memoryview(self._batch)
         self._hdr = bytearray(_VNET)
-        self._frame_id = 0
         self.set_framing(COMPAT)
 
     def start(self):
@@ -123,18 +116,14 @@ class Reader:
         """Send to ``addr`` (an ``(ip, port)`` tuple) from now on; None stops."""
         self._peer = addr
 
-    def set_framing(self, framing, segment_bytes=0):
-        """Switch between COMPAT, OFFLOAD and SEGMENTS (the last two need
-        ``vnet_hdr``); ``segment_bytes`` is the datagram size for SEGMENTS."""
-        if framing in (OFFLOAD, SEGMENTS) and not self._vnet:
+    def set_framing(self, framing):
+        """Switch between COMPAT and OFFLOAD (OFFLOAD needs ``vnet_hdr``)."""
+        if framing == OFFLOAD and not self._vnet:
             raise ValueError("offload framing needs a TUN opened with IFF_VNET_HDR")
-        if framing == SEGMENTS and segment_bytes < 576:
-            framing = OFFLOAD
         self.framing = framing
-        self._segment_bytes = segment_bytes
         if not self._vnet:
             self._start, self._end_extra, self._check_gso = 0, 0, False
-        elif framing in (OFFLOAD, SEGMENTS):
+        elif framing == OFFLOAD:
             self._start, self._end_extra, self._check_gso = 0, 1, False
         else:
             self._start, self._end_extra, self._check_gso = 1 + _VNET, 1, True
@@ -142,9 +131,6 @@ class Reader:
     def _on_tun_readable(self):
         if self._gso and self.framing == COMPAT:
             self._drain_batched()
-            return
-        if self._gso and self.framing == SEGMENTS:
-            self._drain_segmented()
             return
         readinto = self._tun.readinto
         buf, rx_view, view = self._buf, self._rx_view, self._view
@@ -206,7 +192,7 @@ class Reader:
         readv = os.readv
         received = in_bytes = bad = 0
         p = seg = count = 0
-        limit = UDP_MAX_PAYLOAD - SLOT_BYTES
+        limit = BATCH_BUFFER_BYTES - SLOT_BYTES
         for _ in range(BATCH_PKTS):
             try:
                 if vnet:
@@ -240,38 +226,6 @@ class Reader:
             return self._count_run(received, in_bytes, bad)
         self._count_run(received, in_bytes, bad)
 
-    def _drain_segmented(self):
-        """SEGMENTS framing: each super-packet (virtio-net header included)
-        is cut into chunks behind a 6-byte SEGMENT header, sized so every
-        datagram is ``segment_bytes``, and the whole run goes out with one
-        UDP_SEGMENT send. Nothing is fragmented at the IP layer, and a
-        receiver with UDP_GRO on a veth gets the run as one buffer.
-        """
-        readinto, rx, view = self._tun.readinto, self._rx_view, self._view
-        out = self._batch_view
-        seg = self._segment_bytes
-        pay = seg - _SEG_HDR.size
-        pack = _SEG_HDR.pack_into
-        received = in_bytes = 0
-        for _ in range(BATCH_PKTS):
-            n = readinto(rx)
-            if n is None:
-                break
-            received += 1
-            in_bytes += n
-            count = -(-n // pay)
-            self._frame_id = fid = (self._frame_id + 1) & 0xFF
-            o = i = 0
-            for k in range(count):
-                m = min(pay, n - i)
-                pack(out, o, SEGMENT_FRAME, fid, k, count, pay)
-                out[o + 6 : o + 6 + m] = view[1 + i : 1 + i + m]
-                o += 6 + m
-                i += m
-            if not self._send_run(0, o, seg, count, frames_sent=1):
-                break
-        self._count_run(received, in_bytes, 0)
-
     def _count_run(self, received, in_bytes, bad):
         c = self._c
         c[st.PKTS_IN] += received
@@ -280,7 +234,7 @@ class Reader:
         if bad:
             c[st.DROPS_MALFORMED] += bad
 
-    def _send_run(self, start, end, seg, count, frames_sent=None):
+    def _send_run(self, start, end, seg, count):
         """Send ``count`` packets of ``seg`` bytes (the last may be shorter)
         lying back to back in the batch buffer; False when the socket is full
         and reading has paused."""
@@ -321,7 +275,7 @@ class Reader:
                 st.DROPS_NO_PEER if exc.errno in _NOT_CONNECTED else st.DROPS_IO
             ] += count
             return True
-        self._c[st.PKTS_OUT] += count if frames_sent is None else frames_sent
+        self._c[st.PKTS_OUT] += count
         self._c[st.BYTES_OUT] += end - start
         self._c[st.LAST_OUT_NS] = time.monotonic_ns()
         return True
@@ -393,12 +347,6 @@ class Writer:
         self._view = memoryview(self._buf)
         self._rx = self._view[self._off :]
         self._peers = frozenset()
-        # SEGMENTS reassembly: one frame at a time.
-        self._seg_buf = bytearray(BUFFER_BYTES)
-        self._seg_view = memoryview(self._seg_buf)
-        self._seg_seen = bytearray(256)
-        self._seg_id, self._seg_count, self._seg_pay = -1, 0, 0
-        self._seg_have = self._seg_total = 0
         try:
             self._gro = bool(sock.getsockopt(SOL_UDP, UDP_GRO))
         except OSError:
@@ -572,9 +520,6 @@ class Writer:
         if (frames.is_ip(first) or first == OFFLOAD_FRAME) and n < MIN_PACKET_BYTES:
             c[st.DROPS_MALFORMED] += 1
             return
-        if first == SEGMENT_FRAME:
-            self._take_segment(0, n)
-            return
         if frames.is_ip(first) or first == OFFLOAD_FRAME:
             if first == OFFLOAD_FRAME and not self._off:
                 c[st.DROPS_MALFORMED] += 1
@@ -610,42 +555,6 @@ class Writer:
             return False
         self._tokens -= 1.0
         return True
-
-    def _take_segment(self, at, size):
-        """One SEGMENT frame at ``rx[at:at+size]``: its chunk goes into the
-        reassembly buffer; a complete super-packet goes to the TUN.
-
-        Frames are reassembled one at a time: a segment of another frame id
-        drops the incomplete one (counted as malformed), since a sender
-        finishes one frame before it starts the next.
-        """
-        rx, c = self._rx, self._c
-        if size <= _SEG_HDR.size or not self._off:
-            c[st.DROPS_MALFORMED] += 1
-            return
-        _, fid, index, count, pay = _SEG_HDR.unpack_from(rx, at)
-        chunk = size - _SEG_HDR.size
-        if index >= count or chunk > pay or (index < count - 1 and chunk != pay):
-            c[st.DROPS_MALFORMED] += 1
-            return
-        if fid != self._seg_id or count != self._seg_count or pay != self._seg_pay:
-            if self._seg_have:
-                c[st.DROPS_MALFORMED] += 1  # the previous frame stays incomplete
-            self._seg_id, self._seg_count, self._seg_pay = fid, count, pay
-            self._seg_have = 0
-            self._seg_seen[:count] = bytes(count)
-        if self._seg_seen[index]:
-            return
-        self._seg_seen[index] = 1
-        self._seg_have += 1
-        pos = index * pay
-        self._seg_buf[pos : pos + chunk] = rx[at + _SEG_HDR.size : at + size]
-        if index == count - 1:
-            self._seg_total = pos + chunk
-        if self._seg_have == count:
-            self._seg_have = 0
-            self._seg_id = -1
-            self._write_tun(self._seg_view[: self._seg_total])
 
     def _write_tun(self, packet):
         try:

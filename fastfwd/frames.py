@@ -34,7 +34,6 @@ CONTROL = 0x01
 NOT_LOGGED_IN = 0x02
 HELLO = 0x03
 OFFLOAD = 0x10
-SEGMENT = 0x11
 
 HELLO_MAGIC = b"FFWD"
 HELLO_VERSION = 1
@@ -42,9 +41,6 @@ CAP_OFFLOAD = 0x0001  # the sender accepts OFFLOAD frames
 CAP_RESET_PAIRS = 0x0002  # the VM side takes a "reset-pairs" command
 CAP_NETWORKS = 0x0004  # the VM side reports its bridge networks
 CAP_AUTH = 0x0008  # an authentication trailer follows (shared secret)
-CAP_SEGMENTS = 0x0010  # the sender accepts SEGMENT frames (super-packets in runs)
-# SEGMENT frame header: type, frame id, index, count, chunk bytes per segment.
-SEGMENT_HEADER = struct.Struct("!BBBBH")
 MAX_HELLO_NETWORKS = 200
 _HELLO = struct.Struct("!B4sBHHIBB")
 _NET = struct.Struct("!4sB")

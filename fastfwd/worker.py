@@ -95,9 +95,7 @@ class Worker:
                 self.engine.set_peer(
                     addrs[self.args.queue % len(addrs)] if addrs else None
                 )
-                self.set_framing(
-                    msg.get("framing", engine.COMPAT), msg.get("segment_bytes", 0)
-                )
+                self.set_framing(msg.get("framing", engine.COMPAT))
             else:
                 self.engine.set_peer(addrs)
             log.debug("peer set addrs=%s framing=%s", addrs, msg.get("framing"))
@@ -106,7 +104,7 @@ class Worker:
         elif op == messages.STOP:
             self._stop()
 
-    def set_framing(self, framing, segment_bytes=0):
+    def set_framing(self, framing):
         """Switch the reader's framing and the device's offloads together.
 
         The reader changes framing first, so that the kernel hands over
@@ -114,11 +112,10 @@ class Worker:
         already queued in the old shape are dropped and counted.
         """
         if framing == self.engine.framing:
-            self.engine.set_framing(framing, segment_bytes)
             return
-        self.engine.set_framing(framing, segment_bytes)
+        self.engine.set_framing(framing)
         try:
-            flags = linux.set_offload(self.args.tun_fd, framing != engine.COMPAT)
+            flags = linux.set_offload(self.args.tun_fd, framing == engine.OFFLOAD)
         except OSError as exc:
             log.warning("offload not enabled, staying compatible errno=%s", exc.errno)
             self.engine.set_framing(engine.COMPAT)

@@ -95,7 +95,7 @@ class Fastfwd(Path):
         self.tunnel = Tunnel(lab, tempfile.mkdtemp(prefix=self.name + "-", dir=workdir), mtu=TUNNEL_MTU,
                              workers=self.workers, vm_args=flag, host_args=flag)  # fmt: skip
         self.tunnel.start()
-        want = "segments" if self.offload else "compat"
+        want = "offload" if self.offload else "compat"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             framings = {

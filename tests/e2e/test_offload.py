@@ -27,7 +27,7 @@ def wait_framing(t, want, timeout_s=15.0):
 
 @pytest.mark.parametrize(
     "host_offload, vm_offload, want",
-    [("on", "on", "segments"), ("off", "on", "compat"), ("on", "off", "compat")],
+    [("on", "on", "offload"), ("off", "on", "compat"), ("on", "off", "compat")],
 )
 def test_framing_follows_what_both_sides_can_do_and_data_arrives_intact(
     lab, tmp_path, host_offload, vm_offload, want
@@ -53,7 +53,7 @@ def test_framing_follows_what_both_sides_can_do_and_data_arrives_intact(
         assert client["ok"] and server["ok"], (client, server)
         host = t.status("host")
         reader = next(p for p in host["processes"] if p["name"] == "reader0")
-        if want == "segments":
+        if want == "offload":
             # Super-packets: far fewer datagrams than 1400-byte packets would need.
             assert reader["counters"]["pkts_out"] < TRANSFER_BYTES / 1400 / 3
     finally:
