@@ -16,7 +16,7 @@ from control import config as cfgmod
 from control import messages, watch
 from control.hostsfile import HostsNames
 from control.peer import HELLO_LEASE_S, PeerTracker
-from control.process import Side
+from control.process import Side, framing_for
 from control.proxy import ProxySet
 from control.routes import Netlink, RouteTable
 from fastfwd import frames, logsetup
@@ -48,7 +48,6 @@ class HostSide(Side):
         self.vnet_hdr = bool(spec.get("vnet_hdr"))
         self.peer_hello = None  # (version, caps, mtu, ports) of the current peer
         self.peer_hello_at = 0.0
-        self.framing = "compat"
         self.mtu_warned = None
         self.gone_pairs = set()  # pairs connected earlier in this run, now not
         self.docker_networks = set()  # bridge networks the VM side reported
@@ -278,7 +277,7 @@ class HostSide(Side):
     def wanted_framing(self):
         if self.peer_hello is None or not (self.vnet_hdr and self.cfg.offload):
             return "compat"
-        return _framing_for(self.peer_hello.caps)
+        return framing_for(self.peer_hello.caps)
 
     def send_peer(self):
         """Tell every worker where the peer is and how to frame for it."""
@@ -289,17 +288,7 @@ class HostSide(Side):
         addrs = [(peer[0], p) for p in ports] or [peer]
         if peer not in addrs:
             addrs.insert(0, peer)
-        framing = self.wanted_framing()
-        if framing != self.framing:
-            log.info("framing changed peer=%s:%d framing=%s", peer[0], peer[1], framing)
-            self.framing = framing
-        self.to_workers(
-            messages.pack(
-                messages.SET_PEER,
-                addrs=messages.peers_to_wire(addrs),
-                framing=framing,
-            )
-        )
+        self.set_workers_peer(addrs, self.wanted_framing())
 
     def on_worker_started(self, role, queue):
         self.send_peer()
@@ -547,13 +536,6 @@ class HostSide(Side):
         )
         out["names"] = self.names.statistics()
         return out
-
-
-def _framing_for(caps):
-    """The best framing a fastfwd peer with these capabilities accepts."""
-    if caps & frames.CAP_OFFLOAD:
-        return "offload"
-    return "compat"
 
 
 def _routable(text):

@@ -22,7 +22,7 @@ import psutil
 import uvloop
 
 from control import localsock, messages
-from fastfwd import linux, logsetup
+from fastfwd import frames, linux, logsetup
 from fastfwd import stats as st
 from fastfwd.errors import EXIT_SETUP, FastfwdError
 
@@ -54,6 +54,7 @@ class Side:
         self.pids = {}  # "reader0" -> pid
         self.restarts = {}  # "reader0" -> times restarted, from the supervisor
         self.stopped = self.loop.create_future()
+        self.framing = "compat"
         self.started_at = time.time()
         self.local = None
 
@@ -114,6 +115,18 @@ class Side:
                     log.warning(
                         "worker channel full, message dropped errno=%s", exc.errno
                     )
+
+    def set_workers_peer(self, addrs, framing):
+        """Tell every worker whom to talk to and how to frame; logs a
+        change of framing."""
+        if framing != self.framing:
+            log.info("framing changed framing=%s", framing)
+            self.framing = framing
+        self.to_workers(
+            messages.pack(
+                messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing
+            )
+        )
 
     def to_supervisor(self, packed):
         self.sup.send(packed)
@@ -213,6 +226,13 @@ class Side:
                 await self.on_tick(time.monotonic())
             except Exception:
                 log.exception("periodic task failed")
+
+
+def framing_for(caps):
+    """The best framing a fastfwd peer with these capabilities accepts."""
+    if caps & frames.CAP_OFFLOAD:
+        return "offload"
+    return "compat"
 
 
 def _usage(pid):

@@ -16,11 +16,9 @@ import socket
 import time
 
 from control import iptables as ipt
-from control import messages
 from control.dns import NameService
 from control.peer import HEARTBEAT_S, HELLO_LEASE_S
-from control.process import Side
-from control.hostside import _framing_for
+from control.process import Side, framing_for
 from control.routes import Netlink
 from fastfwd import frames
 
@@ -51,7 +49,6 @@ class VmSide(Side):
         self.host_hello = None  # (version, caps, mtu, ports) of a fastfwd host
         self.host_hello_at = 0.0
         self.last_hello = 0.0
-        self.framing = "compat"
         self.mtu_warned = None
         self.networks = set()  # bridge networks, reported to a fastfwd host
         self.closing = False  # teardown started: no more rule changes
@@ -296,18 +293,8 @@ class VmSide(Side):
     def send_framing(self):
         framing = "compat"
         if self.vnet_hdr and self.host_hello is not None:
-            framing = _framing_for(self.host_hello.caps)
-        if framing != self.framing:
-            log.info("framing changed framing=%s", framing)
-            self.framing = framing
-        addrs = [self.host_addr] if self.host_addr else []
-        self.to_workers(
-            messages.pack(
-                messages.SET_PEER,
-                addrs=messages.peers_to_wire(addrs),
-                framing=framing,
-            )
-        )
+            framing = framing_for(self.host_hello.caps)
+        self.set_workers_peer([self.host_addr] if self.host_addr else [], framing)
 
     def on_worker_started(self, role, queue):
         self.send_framing()

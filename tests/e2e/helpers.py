@@ -23,3 +23,9 @@ def fastfwd_routes(lab):
     """The routes fastfwd holds in the host namespace (proto 251), sorted."""
     out = lab.run(lab.host_ns, "ip", "route", "show", "proto", "251").stdout
     return sorted(line.split()[0] for line in out.splitlines())
+
+
+def answers(lab, ip, ns=None):
+    """Whether ``ip`` answers one ping from the host namespace (or ``ns``)."""
+    res = lab.run(ns or lab.host_ns, "ping", "-c1", "-W2", str(ip), check=False)
+    return res.returncode == 0
