@@ -88,13 +88,13 @@ def _tun_error(name, exc):
     return DeviceError(f"cannot create TUN device {name}: {exc.strerror}")
 
 
-SOL_UDP, UDP_GRO = 17, 104
-
-
 def _tune(sock):
     # Large buffers absorb bursts at line rate; the kernel caps them at
     # net.core.{r,w}mem_max unless we are privileged enough to force them.
-    for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):
+    for opt, force in (
+        (socket.SO_RCVBUF, linux.SO_RCVBUFFORCE),
+        (socket.SO_SNDBUF, linux.SO_SNDBUFFORCE),
+    ):
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER_BYTES)
         except OSError:
@@ -102,7 +102,7 @@ def _tune(sock):
     # Runs of equal-sized datagrams from one sender arrive as one buffer
     # (fastfwd's readers send them with UDP_SEGMENT); the writer splits them.
     try:
-        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        sock.setsockopt(linux.SOL_UDP, linux.UDP_GRO, 1)
     except OSError:
         pass  # LIMIT: before Linux 5.0 each datagram is received alone.
 

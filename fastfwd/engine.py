@@ -41,9 +41,7 @@ BATCH_PKTS = 256
 SLOT_BYTES = 2048
 BATCH_BUFFER_BYTES = 65507
 MAX_SEGMENTS = 64
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
+SOL_UDP, UDP_SEGMENT, UDP_GRO = linux.SOL_UDP, linux.UDP_SEGMENT, linux.UDP_GRO
 _GRO_CMSG_BYTES = 64  # room for the UDP_GRO control message (a u16 segment size)
 # A TUN super-packet (gso_max_size is kept below 64 KiB) plus its header.
 BUFFER_BYTES = 65536 + 64

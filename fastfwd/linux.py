@@ -38,6 +38,15 @@ VNET_HDR_BYTES = 10
 VNET_HDR_F_NEEDS_CSUM = 0x01
 VNET_GSO_NONE = 0
 
+# Socket buffer sizes past net.core.{r,w}mem_max (needs CAP_NET_ADMIN).
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+# UDP segmentation offload: one send of equal-sized datagrams (Linux 4.18)
+# and their coalesced receive (Linux 5.0).
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 

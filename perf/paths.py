@@ -121,10 +121,33 @@ class Fastfwd(Path):
         return out
 
 
-class OpenVPN(Path):
+class _ReferenceTunnel(Path):
+    """A reference tunnel: one process per side on device ``dev``."""
+
+    kind = "reference"
+    dev = "?"
+
+    def _connect(self, lab, vm_ip):
+        """Route through the device, let it past Docker's firewall, and wait
+        until the far end answers."""
+        _routes(lab, dev=self.dev)
+        _accept_device(lab, self.dev)
+        _wait_ping(lab, vm_ip)
+
+    def stop(self, lab):
+        _accept_device(lab, self.dev, add=False)
+        for proc in self.procs.values():
+            lab.stop(proc)
+        _wait_gone(lab, self.dev)
+
+    def pids(self):
+        return {side: [p.pid] for side, p in self.procs.items()}
+
+
+class OpenVPN(_ReferenceTunnel):
     """OpenVPN 2.6 point-to-point without keys: cleartext, one packet per datagram."""
 
-    name, kind = "openvpn", "reference"
+    name, dev = "openvpn", "ovpn0"
     host_addr = OVPN_HOST_IP
 
     def start(self, lab, workdir):
@@ -144,24 +167,13 @@ class OpenVPN(Path):
             log.close()
         _wait_link(lab, lab.host_ns, "ovpn0")
         _wait_link(lab, lab.vm_ns, "ovpn0")
-        _routes(lab, dev="ovpn0")
-        _accept_device(lab, "ovpn0")
-        _wait_ping(lab, OVPN_VM_IP)
-
-    def stop(self, lab):
-        _accept_device(lab, "ovpn0", add=False)
-        for proc in self.procs.values():
-            lab.stop(proc)
-        _wait_gone(lab, "ovpn0")
-
-    def pids(self):
-        return {side: [p.pid] for side, p in self.procs.items()}
+        self._connect(lab, OVPN_VM_IP)
 
 
-class Socat(Path):
+class Socat(_ReferenceTunnel):
     """socat copying between a TUN device and a UDP socket, one packet per datagram."""
 
-    name, kind = "socat", "reference"
+    name, dev = "socat", "sct0"
     host_addr = SOCAT_HOST_IP
 
     def start(self, lab, workdir):
@@ -179,18 +191,7 @@ class Socat(Path):
         for ns in (lab.host_ns, lab.vm_ns):
             _wait_link(lab, ns, "sct0")
             lab.run(ns, "ip", "link", "set", "sct0", "mtu", str(TUNNEL_MTU))
-        _routes(lab, dev="sct0")
-        _accept_device(lab, "sct0")
-        _wait_ping(lab, SOCAT_VM_IP)
-
-    def stop(self, lab):
-        _accept_device(lab, "sct0", add=False)
-        for proc in self.procs.values():
-            lab.stop(proc)
-        _wait_gone(lab, "sct0")
-
-    def pids(self):
-        return {side: [p.pid] for side, p in self.procs.items()}
+        self._connect(lab, SOCAT_VM_IP)
 
 
 def _wait_link(lab, ns, dev, timeout_s=15.0):
