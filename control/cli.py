@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 
 from control import config as cfgmod
@@ -22,6 +23,7 @@ from fastfwd.supervisor import Supervisor
 
 DEFAULT_CONFIG = "/etc/fastfwd/fastfwd.conf"
 VM_SOCKET = "/run/fastfwd/vm.sock"
+ACCESS_SOCKET = "/run/fastfwd/access.sock"
 
 
 def build_parser():
@@ -115,6 +117,42 @@ def build_parser():
         help="file holding the secret of the host's secret directive (or set FASTFWD_SECRET)",
     )
     con.add_argument(
+        "--loglevel",
+        type=str.upper,
+        choices=cfgmod.LOGLEVELS,
+        default=logsetup.env_level().upper(),
+        help="log level (default INFO)",
+    )
+
+    acc = sub.add_parser(
+        "access",
+        help="accessor: log in to a host's expose port and route its exposed networks",
+        description="Logs in to the expose port of a fastfwd (or desktop-docker-connector) "
+        "host with a token, gives a TUN the address the host assigns and routes the "
+        "networks it exposes into it. Flags keep the upstream accessor's names: -remote, "
+        "-token, -exclude and -debug work as well as --remote, --token, --exclude and "
+        "--debug. The token can also come from --token-file or FASTFWD_TOKEN, which keeps "
+        "it out of the process list.",
+    )
+    acc.add_argument(
+        "-remote", "--remote", required=True, metavar="HOST:PORT",
+        help="the host's expose address",
+    )  # fmt: skip
+    acc.add_argument("-token", "--token", help="the token the host assigned you")
+    acc.add_argument("--token-file", help="file holding the token")
+    acc.add_argument(
+        "-exclude", "--exclude", default="", metavar="CIDR,...",
+        help="exposed networks not to route here (they clash with local ones)",
+    )  # fmt: skip
+    acc.add_argument(
+        "--dev", default="fastfwd-acc", help="TUN device name (default fastfwd-acc)"
+    )
+    acc.add_argument(
+        "--socket", default=ACCESS_SOCKET,
+        help=f"control socket for status (default {ACCESS_SOCKET})",
+    )  # fmt: skip
+    acc.add_argument("-debug", "--debug", action="store_true", help="log level DEBUG")
+    acc.add_argument(
         "--loglevel",
         type=str.upper,
         choices=cfgmod.LOGLEVELS,
@@ -308,6 +346,65 @@ def cmd_connect(args):
     return asyncio.run(sup.run())
 
 
+def _remote(text):
+    """``HOST:PORT`` resolved to an IPv4 address."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isascii() or not port.isdigit():
+        raise ConfigError(f"-remote {text!r}: expected HOST:PORT")
+    if not 1 <= int(port) <= 65535:
+        raise ConfigError(f"-remote {text!r}: port outside 1..65535")
+    try:
+        infos = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise FastfwdError(f"cannot resolve {host}: {exc.strerror or exc}") from exc
+    return infos[0][4][0], int(port)
+
+
+def cmd_access(args):
+    token = args.token or ""
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"--token-file {args.token_file}: {exc.strerror}") from exc
+    token = token or os.environ.get("FASTFWD_TOKEN", "")
+    if not token:
+        raise ConfigError("a token is needed: -token, --token-file or FASTFWD_TOKEN")
+    if len(token.encode("utf-8")) > 512 or any(c.isspace() for c in token):
+        raise ConfigError("a token has at most 512 bytes and no spaces")
+    exclude = []
+    for item in filter(None, (x.strip() for x in args.exclude.split(","))):
+        try:
+            exclude.append(str(ipaddress.IPv4Network(item, strict=False)))
+        except ValueError:
+            raise ConfigError(f"-exclude {item!r} is not an IPv4 network") from None
+    if not linux.valid_ifname(args.dev):
+        raise ConfigError(f"--dev {args.dev!r} is not a valid interface name")
+    remote = _remote(args.remote)
+    loglevel = "DEBUG" if args.debug else args.loglevel
+    logsetup.setup("supervisor", loglevel)
+    try:
+        if linux.ensure_tun_node():
+            print(f"fastfwd: created {linux.TUN_PATH}", file=sys.stderr)
+    except OSError as exc:
+        raise FastfwdError(f"cannot create {linux.TUN_PATH}: {exc.strerror}") from exc
+    tun_fds, name, _ = endpoints.open_tun(args.dev, 1, vnet_hdr=False)
+    try:
+        socks = endpoints.dial_udp(1)
+        socks[0].connect(remote)
+    except (TransportError, OSError) as exc:
+        for fd in tun_fds:
+            os.close(fd)
+        raise FastfwdError(f"cannot reach {args.remote}: {exc}") from exc
+    control_args = {"remote": list(remote), "exclude": exclude, "socket": args.socket}
+    sup = Supervisor(
+        "access", name, tun_fds, socks, control_args, loglevel,
+        control_env={"FASTFWD_TOKEN": token},
+    )  # fmt: skip
+    return asyncio.run(sup.run())
+
+
 def _ask(path, payload):
     try:
         return localsock.request(path, payload)
@@ -324,7 +421,7 @@ def _ask(path, payload):
 
 
 def cmd_status(args):
-    paths = [args.socket] if args.socket else [cfgmod.DEFAULT_SOCKET, VM_SOCKET]
+    paths = [args.socket] if args.socket else [cfgmod.DEFAULT_SOCKET, VM_SOCKET, ACCESS_SOCKET]
     path = next((p for p in paths if os.path.exists(p)), paths[0])
     reply = _ask(path, {"op": "status"})
     if not reply.get("ok"):
@@ -424,14 +521,14 @@ def cmd_tune(args):
 
 
 COMMANDS = {
-    "run": cmd_run, "connect": cmd_connect, "check": cmd_check,
+    "run": cmd_run, "connect": cmd_connect, "access": cmd_access, "check": cmd_check,
     "status": cmd_status, "config": cmd_config, "tune": cmd_tune,
 }  # fmt: skip
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command in ("run", "connect"):
+    if args.command in ("run", "connect", "access"):
         # Until the supervisor's loop handles it, a SIGHUP must not end the
         # process tree being set up; children inherit the ignore and the
         # control process installs its reload handler over it.

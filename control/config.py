@@ -244,6 +244,8 @@ def _apply(cfg, directive, args):
         )
     elif directive == "token":
         _nargs(args, 2, 2, "token NAME IP")
+        if len(args[0].encode("utf-8")) > 512:
+            raise ValueError("token: a token has at most 512 bytes")
         ip = _ipv4(args[1], "token IP")
         for other, other_ip in cfg.tokens.items():
             if other_ip == ip and other != args[0]:
@@ -312,6 +314,7 @@ def parse_text(text, path="<config>", base=None):
     """Parse configuration text; ``base`` is a Config the lines extend."""
     cfg = Config(path=path) if base is None else copy.deepcopy(base)
     problems = []
+    token_lines = {}
     text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
     # Lines end at "\n" only, and fields are split on spaces and tabs only:
     # str.splitlines() and str.split() would also break at "\r", "\x1c",
@@ -327,9 +330,41 @@ def parse_text(text, path="<config>", base=None):
             problems.append((path, number, str(exc)))
             continue
         cfg.lines[directive.lower()] = number
+        if directive.lower() == "token":
+            token_lines[args[0]] = number
+    problems += _cross_check(cfg, path, token_lines)
     if problems:
         raise ConfigError(f"{path}: {len(problems)} invalid line(s)", problems)
     return cfg
+
+
+def _cross_check(cfg, path, token_lines):
+    """Problems between directives, whatever their order: every token's IP
+    must be a free address of the tunnel network, and the expose port
+    cannot be the tunnel's own."""
+    problems = []
+    net = cfg.addr.network
+    taken = {
+        cfg.vm_ip: "the VM side's tunnel address",
+        cfg.host_ip: "the host's tunnel address",
+        net.network_address: "the network address",
+        net.broadcast_address: "the broadcast address",
+    }
+    for name, ip in cfg.tokens.items():
+        line = token_lines.get(name, 0)
+        if ip not in net:
+            problems.append((path, line, f"token IP {ip} is outside the tunnel network {net}"))
+        elif ip in taken:
+            problems.append((path, line, f"token IP {ip} is {taken[ip]}"))
+    e = cfg.expose
+    if e is not None and e.port == cfg.port and (
+        e.host == cfg.host or "0.0.0.0" in (e.host, cfg.host)
+    ):
+        problems.append(
+            (path, cfg.lines.get("expose", 0),
+             f"expose {e.host}:{e.port} is the tunnel's own UDP port; choose another")
+        )  # fmt: skip
+    return problems
 
 
 def parse(path):

@@ -14,6 +14,7 @@ import time
 
 from control import config as cfgmod
 from control import messages, watch
+from control.expose import ExposeServer
 from control.hostsfile import HostsNames
 from control.peer import HELLO_LEASE_S, PeerTracker
 from control.process import Side, framing_for
@@ -56,6 +57,7 @@ class HostSide(Side):
         self.closing = False
         self.rejected_hellos = 0
         self.names = HostsNames(spec.get("config"), self.push_controls)
+        self.expose = ExposeServer(self)
 
     def initial_config(self):
         """The file's configuration; if it turned invalid while a previous
@@ -120,6 +122,7 @@ class HostSide(Side):
         self.proxies = ProxySet(self.cfg.host_ip)
         await self.proxies.apply(self.cfg.proxies)
         self.names.configure(self.cfg.hosts, self.cfg.host_ip)
+        await self.expose.apply()
         if self.peer.load(time.monotonic()) is not None:
             self.on_peer_changed()
         if self.spec.get("config"):
@@ -131,6 +134,7 @@ class HostSide(Side):
     async def teardown(self):
         self.closing = True  # no route change may follow the removal below
         self.names.close()
+        self.expose.close()
         if self.watch_task is not None:
             self.watch_task.cancel()
         if self.proxies is not None:
@@ -292,6 +296,11 @@ class HostSide(Side):
 
     def on_worker_started(self, role, queue):
         self.send_peer()
+        if role == "writer":
+            self.expose.on_writer_started(queue)
+
+    def on_expose_frame(self, src, data):
+        self.expose.on_frame(src, data)
 
     async def on_tick(self, now):
         last = self.latest("writer", "last_in_ns")
@@ -456,6 +465,7 @@ class HostSide(Side):
             self.push_controls()
         if old.proxies != new.proxies or self.proxies.failed:
             await self.proxies.apply(new.proxies)  # also retries failed lines
+        await self.expose.apply(reload=True)
         log.info(
             "configuration changed routes_added=%d routes_removed=%d",
             len(added),
@@ -535,6 +545,7 @@ class HostSide(Side):
             proxies=self.proxies.statistics(),
         )
         out["names"] = self.names.statistics()
+        out["expose"] = self.expose.statistics()
         return out
 
 

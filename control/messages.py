@@ -13,11 +13,18 @@ import msgpack
 SET_PEER = "set_peer"  # addrs: [[host, port], ...] (may be empty), framing: str
 SET_LOGLEVEL = "set_loglevel"  # level: str
 STOP = "stop"
+# writers, host side: the expose socket travels as SCM_RIGHTS with this
+# message (none when it closes); read: this writer serves it (queue 0).
+SET_EXPOSE = "set_expose"  # read: bool
+# sessions: [[accessor_ip, host, port], ...], exposed: ["a.b.c.d/n", ...],
+# host_ip: str, pong: bool
+SET_SESSIONS = "set_sessions"
 
 # worker -> control
 FRAME = "frame"  # src: [host, port] or None, data: bytes (a non-IP datagram)
 CONTROL_BODY = "control_body"  # body: bytes (VM side: a whole control body)
 UNKNOWN_SOURCE = "unknown_source"  # src: [host, port] sent IP packets (throttled)
+EXPOSE_FRAME = "expose_frame"  # src: [host, port], data: bytes (expose port, no session)
 
 # supervisor <-> control
 CHILD_STARTED = (

@@ -92,6 +92,8 @@ class Side:
             self.on_frame(messages.peer_from_wire(msg.get("src")), msg["data"])
         elif op == messages.CONTROL_BODY:
             self.on_control_body(msg["body"])
+        elif op == messages.EXPOSE_FRAME:
+            self.on_expose_frame(messages.peer_from_wire(msg.get("src")), msg["data"])
         elif op == messages.UNKNOWN_SOURCE:
             self.on_unknown_source(messages.peer_from_wire(msg.get("src")))
         elif op == messages.CHILD_STARTED:
@@ -204,6 +206,9 @@ class Side:
     def on_unknown_source(self, src):
         pass
 
+    def on_expose_frame(self, src, data):
+        pass
+
     def on_worker_started(self, role, queue):
         pass
 
@@ -265,6 +270,10 @@ def _side_class(name):
         from control.hostside import HostSide
 
         return HostSide
+    if name == "access":
+        from control.accessside import AccessSide
+
+        return AccessSide
     from control.vmside import VmSide
 
     return VmSide

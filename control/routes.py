@@ -83,6 +83,18 @@ class Netlink:
             ) from exc
         return index
 
+    def replace_tun_address(self, ifname, address, prefixlen, mtu):
+        """Make ``address/prefixlen`` the device's only IPv4 address (an
+        accessor's session may move it), with the MTU; brings it up."""
+        index = self.ifindex(ifname)
+        for msg in self.ipr.get_addr(family=socket.AF_INET, index=index):
+            if (msg.get("address"), msg["prefixlen"]) != (str(address), prefixlen):
+                self.ipr.addr(
+                    "del", index=index, address=msg.get("address"),
+                    prefixlen=msg["prefixlen"],
+                )  # fmt: skip
+        return self.configure_tun(ifname, address, prefixlen, mtu)
+
     def ipv4_addresses(self):
         """``(ifname, IPv4Interface)`` of every address in this namespace."""
         names = {link["index"]: link.get("ifname") for link in self.ipr.get_links()}

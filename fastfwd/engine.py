@@ -24,13 +24,14 @@ nothing here may be called from another thread.
 """
 
 import errno
+import ipaddress
 import logging
 import os
 import sys
 import time
 
 from control import messages
-from fastfwd import frames, linux
+from fastfwd import frames, linux, packets
 from fastfwd import stats as st
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,20 @@ class Writer:
             self._gro = False
         self.refresh_peers = None  # set by the worker: reads pending messages
         self._tokens, self._tokens_at = STRANGER_BURST, 0.0
+        # Host side with accessors: the expose socket, and the sessions as
+        # accessor IP (4 bytes) -> address, and address -> IP. ``_sessions``
+        # stays empty while there is no socket to relay through.
+        self._expose = None
+        self._expose_reading = False
+        self._all_sessions = {}
+        self._sessions = {}
+        self._session_ip = {}
+        self._exposed = ()
+        self._host_ip = b""
+        self._pong = False
+        self._out_peer = None
+        self._xbuf = bytearray(SLOT_BYTES)
+        self._xview = memoryview(self._xbuf)
         # VM side: a control body being reassembled from chunks.
         self._body = None
         self._body_left = 0
@@ -361,11 +376,163 @@ class Writer:
 
     def stop(self):
         self._loop.remove_reader(self._sock.fileno())
+        self.set_expose(None, False)
 
     def set_peer(self, addrs):
         """Accept datagrams from these ``(ip, port)`` addresses only: the VM
         side's worker sockets on the host, the host on the VM side."""
         self._peers = frozenset(addrs)
+        self._out_peer = addrs[0] if addrs else None
+
+    # accessors (host side)
+
+    def set_expose(self, sock, read):
+        """Relay accessor traffic through ``sock`` (None: no expose port).
+        With ``read`` this writer also serves the socket: accessor packets
+        to the VM side, answers to pings, logins to the control process."""
+        if self._expose is not None:
+            if self._expose_reading:
+                self._loop.remove_reader(self._expose.fileno())
+            self._expose.close()
+        self._expose, self._expose_reading = sock, False
+        if sock is not None:
+            sock.setblocking(False)
+            if read:
+                self._loop.add_reader(sock.fileno(), self._on_expose_readable)
+                self._expose_reading = True
+        self._sessions = self._all_sessions if sock is not None else {}
+
+    def set_sessions(self, sessions, exposed, host_ip, pong):
+        """``sessions``: ``(accessor_ip, (host, port))`` pairs; ``exposed``:
+        the networks accessors may reach; ``pong``: answer their pings to
+        ``host_ip`` here."""
+        self._all_sessions = {
+            ipaddress.IPv4Address(ip).packed: tuple(addr) for ip, addr in sessions
+        }
+        self._session_ip = {
+            tuple(addr): ipaddress.IPv4Address(ip).packed for ip, addr in sessions
+        }
+        self._exposed = tuple(
+            (int(n.network_address), int(n.netmask))
+            for n in map(ipaddress.IPv4Network, exposed)
+        )
+        self._host_ip = ipaddress.IPv4Address(host_ip).packed if host_ip else b""
+        self._pong = bool(pong)
+        self._sessions = self._all_sessions if self._expose is not None else {}
+
+    def _divert(self, n):
+        """Send the datagram in the receive area to an accessor if it is
+        addressed to one; True when it was (sent or dropped and counted).
+
+        Super-packets and partial checksums are finished in software first:
+        an accessor takes one whole packet per datagram.
+        """
+        rx, c = self._rx, self._c
+        first = rx[0]
+        if first >> 4 == 4:
+            addr = self._sessions.get(bytes(rx[16:20]))
+            if addr is None:
+                return False
+            self._to_accessor(rx[:n], addr)
+            return True
+        ip = 1 + _VNET
+        if first != OFFLOAD_FRAME or not self._off or n < ip + 20:
+            return False
+        addr = self._sessions.get(bytes(rx[ip + 16 : ip + 20]))
+        if addr is None:
+            return False
+        out = packets.finish(rx[1:ip], rx[ip:n])
+        if out is None:
+            c[st.DROPS_ACL] += 1
+            return True
+        for packet in out:
+            self._to_accessor(packet, addr)
+        return True
+
+    def _to_accessor(self, packet, addr):
+        try:
+            self._expose.sendto(packet, addr)
+        except OSError:
+            self._c[st.DROPS_IO] += 1
+            return
+        self._c[st.TO_ACCESSORS] += 1
+
+    def _on_expose_readable(self):
+        """Datagrams on the expose port: IP packets from logged-in accessors
+        go to the VM side when they may; the rest goes to control."""
+        sock, buf, view, c = self._expose, self._xbuf, self._xview, self._c
+        session_ip, exposed = self._session_ip, self._exposed
+        host_ip, out_peer = self._host_ip, self._out_peer
+        relayed = acl = io_errors = 0
+        for _ in range(BATCH_PKTS):
+            try:
+                n, src = sock.recvfrom_into(buf)
+            except BlockingIOError:
+                break
+            except OSError:
+                io_errors += 1
+                continue
+            ip = session_ip.get(src)
+            if ip is not None and buf[0] >> 4 == 6:
+                acl += 1  # accessors have IPv4 addresses only
+                continue
+            if ip is None or n < MIN_PACKET_BYTES or buf[0] >> 4 != 4:
+                self._expose_frame(n, src)
+                continue
+            if view[12:16] != ip:
+                acl += 1  # an accessor sends from its own address only
+                continue
+            dst = view[16:20]
+            if dst == host_ip:
+                reply = packets.echo_reply(view[:n]) if self._pong else None
+                if reply is None:
+                    acl += 1
+                    continue
+                try:
+                    sock.sendto(reply, src)
+                    c[st.PONGS] += 1
+                except OSError:
+                    io_errors += 1
+                continue
+            d = int.from_bytes(dst, "big")
+            for net, mask in exposed:
+                if d & mask == net:
+                    break
+            else:
+                acl += 1
+                continue
+            if out_peer is None:
+                c[st.DROPS_NO_PEER] += 1
+                continue
+            try:
+                self._sock.sendto(view[:n], out_peer)
+            except OSError:
+                io_errors += 1
+                continue
+            relayed += 1
+        if relayed:
+            c[st.FROM_ACCESSORS] += relayed
+        if acl:
+            c[st.DROPS_ACL] += acl
+        if io_errors:
+            c[st.DROPS_IO] += io_errors
+
+    def _expose_frame(self, n, src):
+        """Logins, and datagrams from addresses without a session: to the
+        control process, throttled like other strangers' frames."""
+        c = self._c
+        if n == 0 or n > frames.UPSTREAM_BUFFER_BYTES:
+            c[st.DROPS_MALFORMED] += 1
+        elif not self._take_token():
+            c[st.DROPS_THROTTLED] += 1
+        else:
+            self._to_control(
+                messages.pack(
+                    messages.EXPOSE_FRAME,
+                    src=messages.peer_to_wire(src),
+                    data=bytes(self._xview[:n]),
+                )
+            )
 
     def _on_udp_readable(self):
         buf, view, rx, off, tun_fd = (
@@ -379,6 +546,7 @@ class Writer:
         peers = self._peers
         recvfrom_into, recvmsg_into = self._sock.recvfrom_into, self._sock.recvmsg_into
         gro, rx_list = self._gro, [rx]
+        sessions = self._sessions
         pkts = out_bytes = in_bytes = received = io_errors = 0
         collecting = self._body is not None
         for _ in range(BATCH_PKTS):
@@ -409,6 +577,8 @@ class Writer:
             received += 1
             in_bytes += n
             if src in peers and n >= MIN_PACKET_BYTES and not collecting:
+                if sessions and self._divert(n):
+                    continue
                 first = buf[off]
                 if first >> 4 == 4 or first >> 4 == 6:
                     packet = view[: off + n]
@@ -458,6 +628,8 @@ class Writer:
                 and self._body is None
                 and (first >> 4 == 4 or first >> 4 == 6)
             ):
+                if self._sessions and self._divert(size):
+                    continue
                 try:
                     os.write(tun_fd, view[: off + size])
                 except OSError:
@@ -521,6 +693,8 @@ class Writer:
         if frames.is_ip(first) or first == OFFLOAD_FRAME:
             if first == OFFLOAD_FRAME and not self._off:
                 c[st.DROPS_MALFORMED] += 1
+            elif self._sessions and self._divert(n):
+                return
             else:
                 start = self._off + 1 if first == OFFLOAD_FRAME else 0
                 self._write_tun(self._view[start : self._off + n])

@@ -243,3 +243,78 @@ def pairs_digest(pairs):
     """A digest of a set of subnet pairs that both sides compute alike."""
     text = "\n".join(sorted(" ".join(sorted(p)) for p in pairs))
     return zlib.crc32(text.encode("ascii"))
+
+
+# Accessor login (the expose port). The accessor sends LOGIN_HELLO + token,
+# the host answers NOT_LOGGED_IN, the accessor sends LOGIN + token and the
+# host answers LOGIN + the session text; a datagram from an address without
+# a session gets NOT_LOGGED_IN, a login with an unknown token no answer.
+LOGIN_HELLO = 0x00
+LOGIN = 0x01
+NOT_LOGGED_IN_FRAME = b"\x02"
+MAX_TOKEN_BYTES = 512
+
+
+class Session(NamedTuple):
+    """What a host tells an accessor at login."""
+
+    addr: str  # the accessor's tunnel address, "IP/PREFIX"
+    peer: str  # the host's tunnel IP
+    mtu: int
+    routes: tuple = ()  # exposed networks, "a.b.c.d/n"
+
+
+def encode_session(session):
+    """The upstream's login answer: ``0x01`` then ``addr A,peer P,mtu N,route R...``."""
+    parts = [f"addr {session.addr}", f"peer {session.peer}", f"mtu {session.mtu}"]
+    parts += [f"route {r}" for r in session.routes]
+    return bytes((LOGIN,)) + ",".join(parts).encode("ascii")
+
+
+def decode_session(data):
+    """A :class:`Session` from a login answer, or None if it is not one.
+
+    Unknown keys are skipped (a newer host may say more); ``addr``, ``peer``
+    and ``mtu`` must be present and valid.
+    """
+    if len(data) < 2 or data[0] != LOGIN:
+        return None
+    try:
+        text = bytes(data[1:]).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    found, routes = {}, []
+    for item in text.split(","):
+        key, _, value = item.strip().partition(" ")
+        value = value.strip()
+        if key == "route":
+            try:
+                routes.append(str(ipaddress.IPv4Network(value, strict=False)))
+            except ValueError:
+                continue
+        elif key in ("addr", "peer", "mtu"):
+            found[key] = value
+    try:
+        addr = ipaddress.IPv4Interface(found["addr"])
+        peer = ipaddress.IPv4Address(found["peer"])
+        mtu = int(found["mtu"])
+    except (KeyError, ValueError):
+        return None
+    if "/" not in found["addr"] or not 576 <= mtu <= 65535:
+        return None
+    return Session(str(addr), str(peer), mtu, tuple(routes))
+
+
+def login_frame(kind, token):
+    """``kind`` (LOGIN_HELLO or LOGIN) followed by the token's bytes."""
+    raw = token.encode("utf-8")
+    if not raw or len(raw) > MAX_TOKEN_BYTES:
+        raise ValueError("a token must have 1 to 512 bytes")
+    return bytes((kind,)) + raw
+
+
+def redact(token):
+    """A token as logs may show it: never whole."""
+    if len(token) <= 4:
+        return "*" * len(token)
+    return token[:2] + "…" + f"({len(token)})"

@@ -28,6 +28,11 @@ FIELDS = (
     "control_aborted",  # VM writer: control bodies given up (lost chunk)
     "batches",
     "drops_throttled",  # writer: frames from strangers over the rate limit
+    "to_accessors",  # host writer: packets relayed from the VM side to accessors
+    "from_accessors",  # host writer 0: accessor packets relayed to the VM side
+    "drops_acl",  # host writer 0: accessor packets to an address not exposed,
+    # from an address not its own, or needing a segmentation not supported
+    "pongs",  # host writer 0: echo requests to the host answered (pong on)
 )
 INDEX = {name: i for i, name in enumerate(FIELDS)}
 SLOT_FIELDS = 24
@@ -39,6 +44,7 @@ DROPS_NO_PEER, DROPS_IO, DROPS_MALFORMED, DROPS_UNKNOWN_SRC = 4, 5, 6, 7
 DROPS_CONTROL_FULL, FRAMES_TO_CONTROL, BACKPRESSURE = 8, 9, 10
 LAST_IN_NS, LAST_OUT_NS, CONTROL_BODIES, CONTROL_ABORTED, BATCHES = 11, 12, 13, 14, 15
 DROPS_THROTTLED = 16
+TO_ACCESSORS, FROM_ACCESSORS, DROPS_ACL, PONGS = 17, 18, 19, 20
 
 
 def slot_index(role, queue):

@@ -70,7 +70,7 @@ def _seqpacket_pair():
 class Supervisor:
     """Starts and keeps alive the control process and the workers of a side.
 
-    ``side`` is "host" or "vm"; ``tun_fds`` holds one TUN queue fd per
+    ``side`` is "host", "vm" or "access"; ``tun_fds`` holds one TUN queue fd per
     worker and ``udp_socks`` one UDP socket per worker; ``control_args`` is
     passed to the control process as its specification (JSON).
     """
@@ -156,7 +156,7 @@ class Supervisor:
             "--chan-fd", str(wrk_end.fileno()), "--stats-fd", str(self.stats_fd),
             "--parent", str(os.getpid()), "--loglevel", self.loglevel,
         ]  # fmt: skip
-        if self.side == "vm":
+        if self.side in ("vm", "access"):
             argv.append("--connected")
         if self.vnet_hdr:
             argv.append("--vnet-hdr")

@@ -71,7 +71,9 @@ class Worker:
     def _on_channel(self):
         while True:
             try:
-                data = self.channel.recv(messages.MAX_MESSAGE_BYTES)
+                data, fds, _, _ = socket.recv_fds(
+                    self.channel, messages.MAX_MESSAGE_BYTES, 1
+                )
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -82,13 +84,29 @@ class Worker:
                 self._stop()
                 return
             try:
-                self.handle(messages.unpack(data))
+                self.handle(messages.unpack(data), fds)
             except ValueError as exc:
+                for fd in fds:
+                    os.close(fd)
                 log.warning("bad control message reason=%s", exc)
 
-    def handle(self, msg):
+    def handle(self, msg, fds=()):
         op = msg["op"]
-        if op == messages.SET_PEER:
+        if op == messages.SET_EXPOSE and self.args.role == "writer":
+            sock = socket.socket(fileno=fds[0]) if fds else None
+            self.engine.set_expose(sock, bool(msg.get("read")))
+            log.debug("expose socket set present=%s", sock is not None)
+            return
+        for fd in fds:  # only SET_EXPOSE carries one
+            os.close(fd)
+        if op == messages.SET_SESSIONS and self.args.role == "writer":
+            self.engine.set_sessions(
+                [(s[0], (s[1], int(s[2]))) for s in msg.get("sessions", ())],
+                msg.get("exposed", ()),
+                msg.get("host_ip", ""),
+                msg.get("pong", False),
+            )
+        elif op == messages.SET_PEER:
             addrs = messages.peers_from_wire(msg.get("addrs"))
             if self.args.role == "reader":
                 # Spread the queues over the peer's worker sockets.

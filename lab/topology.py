@@ -6,6 +6,9 @@
                            P-b2 172.19.0.1/16 -- P-p2 ==== eth0 172.19.0.2
                                                           P-c2
 
+    P-hr 198.18.0.5/30 ==== P-r 198.18.0.6/30    (with remote=True)
+                            P-rem: another machine on the host's network
+
 (P is the lab's prefix, `====` a veth pair, `--` a bridge port.)
 
 The host namespace has no route to the bridges (that is the tunnel's job);
@@ -92,6 +95,8 @@ class Lab:
         docker_firewall: install Docker 28's iptables rules in the vm namespace.
         iptables: the iptables binary to use ("iptables-legacy", ...).
         prefix: name prefix; default "ff" + 4 random hex digits, unused so far.
+        remote: add another machine (namespace ``P-rem``) on a veth to the
+            host, for accessors; ``remote_underlay`` is that /30.
 
     Raises:
         ValueError: inconsistent arguments (overlapping subnets, a subnet
@@ -111,6 +116,8 @@ class Lab:
         docker_firewall: bool = True,
         iptables: str = "iptables",
         prefix: str | None = None,
+        remote: bool = False,
+        remote_underlay: str = "198.18.0.4/30",
     ) -> None:
         if bridges is None:
             bridges = len(subnets) if subnets is not None else 2
@@ -138,10 +145,15 @@ class Lab:
         self.vm_ns = f"{self.prefix}-vm"
         self.host_if = check_ifname(f"{self.prefix}-h")
         self.vm_if = check_ifname(f"{self.prefix}-v")
+        self.remote_ns = f"{self.prefix}-rem" if remote else None
+        self.remote_underlay = IPv4Network(remote_underlay)
+        self.host_remote_ip, self.remote_ip = list(self.remote_underlay.hosts())[:2]
+        self.host_remote_if = check_ifname(f"{self.prefix}-hr")
+        self.remote_if = check_ifname(f"{self.prefix}-r")
 
         self.bridges: list[Bridge] = []
         self.containers: list[Container] = []
-        taken = [self.underlay]
+        taken = [self.underlay] + ([self.remote_underlay] if remote else [])
         for b, cidr in enumerate(subnets, start=1):
             subnet = IPv4Network(cidr)
             if any(subnet.overlaps(other) for other in taken):
@@ -172,7 +184,8 @@ class Lab:
     @property
     def namespaces(self) -> list[str]:
         """Every namespace of the lab: host, vm, then the containers."""
-        return [self.host_ns, self.vm_ns, *(c.ns for c in self.containers)]
+        extra = [self.remote_ns] if self.remote_ns else []
+        return [self.host_ns, self.vm_ns, *(c.ns for c in self.containers), *extra]
 
     # lifecycle
 
@@ -220,6 +233,19 @@ class Lab:
         ip(self.host_ns, "link", "set", self.host_if, "up")
         ip(self.vm_ns, "link", "set", self.vm_if, "up")
         netns.set_sysctl(self.vm_ns, "net.ipv4.ip_forward", 1)
+
+        if self.remote_ns:
+            netns.add_veth(
+                self.host_remote_if, self.host_ns, self.remote_if, self.remote_ns,
+                self.mtu,
+            )  # fmt: skip
+            plen = self.remote_underlay.prefixlen
+            for ns, ifname, addr in (
+                (self.host_ns, self.host_remote_if, self.host_remote_ip),
+                (self.remote_ns, self.remote_if, self.remote_ip),
+            ):
+                ip(ns, "addr", "add", f"{addr}/{plen}", "dev", ifname)
+                ip(ns, "link", "set", ifname, "up")
 
         # docker networks
         for br in self.bridges:

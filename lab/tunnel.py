@@ -53,8 +53,11 @@ class Tunnel:
         self.vm_socket = os.path.join(self.workdir, "vm.sock")
         self.host_log = os.path.join(self.workdir, "host.log")
         self.vm_log = os.path.join(self.workdir, "vm.log")
+        self.access_socket = os.path.join(self.workdir, "access.sock")
+        self.access_log = os.path.join(self.workdir, "access.log")
         self.host_proc = None
         self.vm_proc = None
+        self.access_proc = None
         self.write_config(lines)
 
     def write_config(self, lines=()):
@@ -100,6 +103,30 @@ class Tunnel:
         self.vm_proc = self._fastfwd(self.lab.vm_ns, argv, self.vm_log)
         return self.vm_proc
 
+    def start_accessor(self, token, port, *args):
+        """``fastfwd access`` in the lab's remote namespace, logging in to
+        the host's expose port ``port`` on the host's remote-facing address."""
+        argv = [
+            "access", "-remote", f"{self.lab.host_remote_ip}:{port}",
+            "--socket", self.access_socket, *args,
+        ]  # fmt: skip
+        env = dict(os.environ, FASTFWD_TOKEN=token)
+        log = open(self.access_log, "ab")
+        try:
+            self.access_proc = self.lab.popen(
+                self.lab.remote_ns, sys.executable, "-m", "fastfwd", *argv,
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=_repo_root(), env=env,
+            )  # fmt: skip
+        finally:
+            log.close()
+        return self.access_proc
+
+    def stop_accessor(self, sig=signal.SIGTERM, timeout_s=15.0):
+        code = _signal_and_wait(self.access_proc, sig, timeout_s)
+        self.lab.stop(self.access_proc)
+        return code
+
     def start(self, timeout_s=READY_TIMEOUT_S):
         self.start_host()
         self.start_vm()
@@ -107,7 +134,9 @@ class Tunnel:
         return self
 
     def status(self, side):
-        path = self.host_socket if side == "host" else self.vm_socket
+        path = {"host": self.host_socket, "vm": self.vm_socket}.get(
+            side, self.access_socket
+        )
         reply = localsock.request(path, {"op": "status"})
         return reply["status"]
 
@@ -151,6 +180,7 @@ class Tunnel:
     def stop(self):
         codes = []
         for proc, stop in (
+            (self.access_proc, self.stop_accessor),
             (self.vm_proc, self.stop_vm),
             (self.host_proc, self.stop_host),
         ):
@@ -160,7 +190,7 @@ class Tunnel:
 
     def logs(self):
         out = []
-        for path in (self.host_log, self.vm_log):
+        for path in (self.host_log, self.vm_log, self.access_log):
             if os.path.exists(path):
                 with open(path, encoding="utf-8", errors="replace") as f:
                     out.append(f"--- {os.path.basename(path)}\n{f.read()[-6000:]}")

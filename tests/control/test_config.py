@@ -70,8 +70,8 @@ def test_every_bad_line_is_reported_with_its_number():
         "# fine\n"
         "frobnicate yes\n"
         "iptables 172.18.0.0*172.19.0.0\n"
-        "token a 10.0.0.5\n"
-        "token b 10.0.0.5\n"
+        "token a 192.168.251.5\n"
+        "token b 192.168.251.5\n"
         "port\n"
     )
     with pytest.raises(ConfigError) as err:
@@ -130,3 +130,24 @@ def test_route_with_host_bits_set_is_refused_with_the_network_named():
     with pytest.raises(ConfigError) as err:
         parse("route 172.18.0.1/16\n")
     assert "172.18.0.0/16" in err.value.problems[0][2]
+
+
+def test_token_ips_and_the_expose_port_are_checked_across_lines():
+    text = (
+        "token far 10.0.0.5\n"
+        "token vm 192.168.251.1\n"
+        "token host 192.168.251.2\n"
+        "token bcast 192.168.251.255\n"
+        "token fine 192.168.251.9\n"
+        "expose 0.0.0.0:2511\n"
+        "addr 192.168.251.1/24\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        parse(text)
+    problems = {n: reason for _, n, reason in err.value.problems}
+    assert sorted(problems) == [1, 2, 3, 4, 6]
+    assert "outside the tunnel network" in problems[1]
+    assert "VM side" in problems[2] and "host's tunnel address" in problems[3]
+    assert "tunnel's own UDP port" in problems[6]
+    cfg = parse("expose 0.0.0.0:2512 restart\ntoken fine 192.168.251.9\npong on\n")
+    assert cfg.expose == config.Expose("0.0.0.0", 2512, True) and cfg.pong

@@ -1,0 +1,228 @@
+"""The host's expose port: accessor logins, sessions and their rules.
+
+An accessor on another machine logs in with a token (``token NAME IP``)
+and becomes a tunnel address of its own (IP). This module, in the control
+process, owns the expose socket and the sessions; the writers relay the
+packets (:meth:`fastfwd.engine.Writer._on_expose_readable` and
+``_divert``), so no data passes through the control process.
+
+The writers get a duplicate of the socket over their channels (SCM_RIGHTS)
+and the session table as a message; writer 0 reads the socket and hands
+over what is not an accessor's IP packet: logins, and datagrams from
+addresses without a session, which are answered ``0x02`` here.
+
+Rules beyond the upstream: only networks marked ``expose`` are reachable
+(the writers drop and count the rest), an accessor may send from its own
+IP only, a removed or re-assigned token ends its session at once, and
+tokens appear in logs redacted.
+"""
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+
+from control import messages
+from fastfwd import frames
+
+log = logging.getLogger(__name__)
+
+# A restarted control process binds the port again once the writers have
+# let go of the previous socket.
+BIND_RETRY_S = 3.0
+REFUSED_LOG_INTERVAL_S = 10.0
+
+
+class ExposeServer:
+    def __init__(self, side):
+        self.side = side
+        self.sock = None
+        self.bound = None  # (host, port) of the open socket
+        self.error = None  # why the wanted port is not open
+        self.sessions = {}  # token -> (IPv4Address, (host, port))
+        self.logins = 0
+        self.refused = 0
+        self._refused_logged = 0.0
+        self._exposed = ()
+
+    @property
+    def cfg(self):
+        return self.side.cfg
+
+    # the socket
+
+    async def apply(self, reload=False):
+        """Bring socket and sessions in line with the configuration.
+
+        The port is (re)bound when ``expose`` appears or changes, and on
+        every reload when its line says ``restart``; sessions of tokens that
+        are gone or now name another IP end here, and when the exposed
+        networks change every accessor is asked to log in again, which
+        hands it the new list.
+        """
+        cfg = self.cfg
+        want = (cfg.expose.host, cfg.expose.port) if cfg.expose else None
+        rebind = want != self.bound or (
+            reload and cfg.expose is not None and cfg.expose.restart
+        )
+        if want is None and self.sock is not None:
+            self.close()
+            log.info("expose closed")
+        elif want is not None and (rebind or self.sock is None):
+            self.close()
+            await self._bind(want)
+        for token, (ip, addr) in list(self.sessions.items()):
+            if cfg.tokens.get(token) != ip:
+                self._end(token, "token removed or given another IP")
+        exposed = tuple(
+            str(r.network) for r in cfg.routes.values() if r.expose
+        )
+        if exposed != self._exposed and self._exposed is not None:
+            for token, (ip, addr) in self.sessions.items():
+                self._send(frames.NOT_LOGGED_IN_FRAME, addr)
+        self._exposed = exposed
+        self.publish()
+
+    async def _bind(self, addr):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        deadline = time.monotonic() + BIND_RETRY_S
+        while True:
+            try:
+                sock.bind(addr)
+                break
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    continue
+                sock.close()
+                self.error = f"cannot listen on UDP {addr[0]}:{addr[1]}: {exc.strerror}"
+                log.error("expose failed reason=%s", self.error)
+                return
+        sock.setblocking(False)
+        self.sock, self.bound, self.error = sock, addr, None
+        log.info("expose listening addr=%s:%d", addr[0], addr[1])
+        self.send_socket()
+
+    def close(self):
+        """Close the port; every session ends with it."""
+        if self.sessions:
+            log.info("accessor sessions ended count=%d", len(self.sessions))
+        self.sessions = {}
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.bound = None, None
+        self.send_socket()
+        self.publish()
+
+    def release_workers(self):
+        """Make the writers drop any socket a previous control process
+        gave them (before this one binds the port again)."""
+        self.send_socket()
+
+    def send_socket(self, queue=None):
+        """Give the writers the socket (or take it away)."""
+        for role, q, chan in self.side.channels:
+            if role != "writer" or (queue is not None and q != queue):
+                continue
+            packed = messages.pack(messages.SET_EXPOSE, read=q == 0)
+            try:
+                if self.sock is not None:
+                    socket.send_fds(chan, [packed], [self.sock.fileno()])
+                else:
+                    chan.send(packed)
+            except OSError as exc:
+                log.warning("expose socket not passed to writer%d errno=%s", q, exc.errno)
+
+    def publish(self, queue=None):
+        """Tell the writers the sessions and what accessors may reach."""
+        cfg = self.cfg
+        packed = messages.pack(
+            messages.SET_SESSIONS,
+            sessions=[[str(ip), a[0], a[1]] for ip, a in self.sessions.values()],
+            exposed=list(self._exposed or ()),
+            host_ip=str(cfg.host_ip),
+            pong=cfg.pong,
+        )
+        for role, q, chan in self.side.channels:
+            if role == "writer" and (queue is None or q == queue):
+                try:
+                    chan.send(packed)
+                except OSError as exc:
+                    log.warning("sessions not sent to writer%d errno=%s", q, exc.errno)
+
+    def on_writer_started(self, queue):
+        self.send_socket(queue)
+        self.publish(queue)
+
+    # logins
+
+    def on_frame(self, src, data):
+        if src is None or not data or self.sock is None:
+            return
+        if data[0] == frames.LOGIN and len(data) > 1:
+            self._login(src, bytes(data[1:]))
+        else:
+            # Not logged in (a first hello, a session the host forgot, or a
+            # token that was removed): the accessor logs in again.
+            self._send(frames.NOT_LOGGED_IN_FRAME, src)
+
+    def _login(self, src, raw):
+        token = raw.decode("utf-8", "replace")
+        ip = self.cfg.tokens.get(token)
+        if ip is None:
+            # No answer: guessing tokens learns nothing.
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refused_logged > REFUSED_LOG_INTERVAL_S:
+                self._refused_logged = now
+                log.warning(
+                    "accessor login refused src=%s:%d token=%s refused_total=%d",
+                    src[0], src[1], frames.redact(token), self.refused,
+                )  # fmt: skip
+            return
+        old = self.sessions.get(token)
+        self.sessions[token] = (ip, src)
+        self.logins += 1
+        cfg = self.cfg
+        session = frames.Session(
+            f"{ip}/{cfg.addr.network.prefixlen}", str(cfg.host_ip), cfg.mtu,
+            self._exposed or (),
+        )  # fmt: skip
+        self._send(frames.encode_session(session), src)
+        if old is None or old[1] != src:
+            log.info(
+                "accessor logged in token=%s ip=%s src=%s:%d routes=%d",
+                frames.redact(token), ip, src[0], src[1], len(session.routes),
+            )  # fmt: skip
+        self.publish()
+
+    def _end(self, token, reason):
+        ip, addr = self.sessions.pop(token)
+        # Its next login gets no answer; say so now rather than at its next
+        # packet.
+        self._send(frames.NOT_LOGGED_IN_FRAME, addr)
+        log.info(
+            "accessor session ended token=%s ip=%s reason=%s",
+            frames.redact(token), ip, reason,
+        )  # fmt: skip
+
+    def _send(self, data, addr):
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except OSError as exc:
+            log.debug("expose send failed errno=%s", exc.errno)
+
+    def statistics(self):
+        return {
+            "listen": None if self.bound is None else f"{self.bound[0]}:{self.bound[1]}",
+            "error": self.error,
+            "sessions": [
+                {"token": frames.redact(t), "ip": str(ip), "from": f"{a[0]}:{a[1]}"}
+                for t, (ip, a) in sorted(self.sessions.items())
+            ],
+            "logins": self.logins,
+            "refused_logins": self.refused,
+        }
