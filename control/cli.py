@@ -421,7 +421,11 @@ def _ask(path, payload):
 
 
 def cmd_status(args):
-    paths = [args.socket] if args.socket else [cfgmod.DEFAULT_SOCKET, VM_SOCKET, ACCESS_SOCKET]
+    paths = (
+        [args.socket]
+        if args.socket
+        else [cfgmod.DEFAULT_SOCKET, VM_SOCKET, ACCESS_SOCKET]
+    )
     path = next((p for p in paths if os.path.exists(p)), paths[0])
     reply = _ask(path, {"op": "status"})
     if not reply.get("ok"):
@@ -454,12 +458,28 @@ def format_status(status):
         "control_pushes",
         "peer_mtu",
         "rejected_hellos",
+        "remote",
+        "logged_in",
+        "host_ip",
+        "mtu",
+        "excluded",
+        "logins",
+        "relogins",
     ):
         if key in status:
             lines.append(f"{key:15} {_plain(status[key])}")
     for key in ("names", "dns"):
         if status.get(key):
             lines.append(f"{key:15} {_plain(status[key])}")
+    expose = status.get("expose") or {}
+    if expose.get("listen") or expose.get("error"):
+        where = expose.get("listen") or f"not listening: {expose.get('error')}"
+        lines.append(
+            f"{'expose':15} {where} sessions {len(expose.get('sessions', []))} "
+            f"logins {expose.get('logins', 0)} refused {expose.get('refused_logins', 0)}"
+        )
+        for s in expose.get("sessions", []):
+            lines.append(f"{'accessor':15} {s['ip']} from {s['from']} token {s['token']}")
     for line, proxy in (status.get("proxies") or {}).items():
         state = (
             "listening"

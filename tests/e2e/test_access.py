@@ -4,7 +4,7 @@ accessor and with a peer that speaks the upstream accessor's bytes; and
 fastfwd's accessor against a fake upstream host."""
 
 import os
-import socket
+import sys
 import time
 
 import pytest
@@ -23,6 +23,7 @@ EXPOSE_PORT = 2512
 TOKEN = "tok-3f9a1c77e2"
 ACCESSOR_IP = "192.168.251.5"
 HOST_TUN_IP = "192.168.251.2"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -111,6 +112,14 @@ def test_pong_answers_at_the_host_only_when_on(lab, tmp_path):
             f.write("pong on\n")
         assert wait_for(lambda: answers(lab, HOST_TUN_IP, lab.remote_ns), 10.0)
         assert counters(t)["pongs"] >= 1
+        # What `fastfwd status` prints on both ends.
+        status = [sys.executable, "-m", "fastfwd", "status", "--socket"]
+        acc = lab.run(lab.remote_ns, *status, t.access_socket, cwd=ROOT).stdout
+        assert "logged_in       True" in acc and "192.168.251.5/24" in acc
+        host = lab.run(lab.host_ns, *status, t.host_socket, cwd=ROOT).stdout
+        assert f"expose          {lab.host_remote_ip}:{EXPOSE_PORT} sessions 1" in host
+        assert f"accessor        {ACCESSOR_IP} from {lab.remote_ip}:" in host
+        assert TOKEN not in host
     finally:
         t.stop()
 
@@ -252,3 +261,29 @@ def test_accessor_against_an_upstream_host(lab, tmp_path):
         t.stop()
     assert "10.99.0.0" not in lab.run(lab.remote_ns, "ip", "route").stdout
     assert TOKEN not in t.logs()
+
+
+def test_sessions_survive_crashed_workers_and_control(lab, tmp_path):
+    """A restarted writer gets the expose socket and the sessions again; a
+    restarted control process binds the port again, and the accessor, told
+    0x02 at its next packet, logs in again by itself."""
+    t = make_tunnel(lab, tmp_path)
+    try:
+        t.start_accessor(TOKEN, EXPOSE_PORT)
+        assert logged_in(t), t.logs()
+        c1 = lab.containers[0]
+        assert answers(lab, c1.ip, lab.remote_ns)
+        for name in ("writer0", "control"):
+            pid = next(p["pid"] for p in t.status("host")["processes"] if p["name"] == name)
+            os.kill(pid, 9)
+            assert wait_for(
+                lambda: next(
+                    p["pid"] for p in t.status("host")["processes"] if p["name"] == name
+                ) != pid,
+                15.0,
+            ), t.logs()
+            assert wait_for(lambda: answers(lab, c1.ip, lab.remote_ns), 15.0), (name, t.logs())
+        assert t.status("host")["expose"]["listen"] == f"{lab.host_remote_ip}:{EXPOSE_PORT}"
+        assert t.status("access")["relogins"] >= 1
+    finally:
+        t.stop()
