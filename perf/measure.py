@@ -53,12 +53,13 @@ def _iperf(lab, server_ns, client_ns, argv, timeout_s):
         lab.stop(server)
 
 
-def tcp(lab, target_ns, target_ip, seconds, streams=1, reverse=False):
-    """Throughput in Gbit/s of an iperf3 TCP run host -> container (or back)."""
+def tcp(lab, target_ns, target_ip, seconds, streams=1, reverse=False, client_ns=None):
+    """Throughput in Gbit/s of an iperf3 TCP run host -> container (or back);
+    ``client_ns`` replaces the host namespace (an accessor's machine)."""
     argv = ["-c", str(target_ip), "-t", str(seconds), "-P", str(streams)]
     if reverse:
         argv.append("-R")
-    data = _iperf(lab, target_ns, lab.host_ns, argv, seconds + 30)
+    data = _iperf(lab, target_ns, client_ns or lab.host_ns, argv, seconds + 30)
     end = data["end"]
     return {
         "gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
@@ -66,7 +67,7 @@ def tcp(lab, target_ns, target_ip, seconds, streams=1, reverse=False):
     }
 
 
-def udp(lab, target_ns, target_ip, seconds, length=1200):
+def udp(lab, target_ns, target_ip, seconds, length=1200, client_ns=None):
     """Packet rate that arrives, and the loss, of an unlimited UDP stream."""
     argv = [
         "-c",
@@ -79,7 +80,7 @@ def udp(lab, target_ns, target_ip, seconds, length=1200):
         "-t",
         str(seconds),
     ]
-    data = _iperf(lab, target_ns, lab.host_ns, argv, seconds + 30)
+    data = _iperf(lab, target_ns, client_ns or lab.host_ns, argv, seconds + 30)
     s = data["end"]["sum"]
     received = s["packets"] - s["lost_packets"]
     return {
@@ -89,10 +90,10 @@ def udp(lab, target_ns, target_ip, seconds, length=1200):
     }
 
 
-def ping(lab, target_ip, count=100, interval_s=0.01):
+def ping(lab, target_ip, count=100, interval_s=0.01, client_ns=None):
     """RTT percentiles (ms) of ``count`` echoes from the host namespace."""
     res = lab.run(
-        lab.host_ns,
+        client_ns or lab.host_ns,
         "ping",
         "-c",
         str(count),
@@ -114,7 +115,7 @@ def ping(lab, target_ip, count=100, interval_s=0.01):
     }
 
 
-def ping_under_load(lab, target_ns, target_ip, seconds):
+def ping_under_load(lab, target_ns, target_ip, seconds, client_ns=None):
     """RTT while one TCP stream fills the path host -> container."""
     server = lab.popen(
         target_ns,
@@ -128,7 +129,7 @@ def ping_under_load(lab, target_ns, target_ip, seconds):
     )
     time.sleep(0.3)
     client = lab.popen(
-        lab.host_ns,
+        client_ns or lab.host_ns,
         "iperf3",
         "-c",
         str(target_ip),
@@ -141,7 +142,10 @@ def ping_under_load(lab, target_ns, target_ip, seconds):
     )
     try:
         time.sleep(0.5)
-        return ping(lab, target_ip, count=int(seconds / 0.02), interval_s=0.02)
+        return ping(
+            lab, target_ip, count=int(seconds / 0.02), interval_s=0.02,
+            client_ns=client_ns,
+        )  # fmt: skip
     finally:
         lab.stop(client)
         lab.stop(server)

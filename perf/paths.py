@@ -35,6 +35,10 @@ class Path:
         """``{"host": [pid, ...], "vm": [...]}`` of the processes doing the work."""
         return {}
 
+    def client_ns(self, lab):
+        """Where iperf3's client and ping run: the host namespace."""
+        return lab.host_ns
+
 
 def _accept_device(lab, dev, add=True):
     """Let traffic of ``dev`` through Docker's firewall in the vm namespace."""
@@ -119,6 +123,52 @@ class Fastfwd(Path):
         for side in ("host", "vm"):
             out[side] = [p["pid"] for p in self.tunnel.status(side)["processes"]]
         return out
+
+
+class FastfwdAccessor(Fastfwd):
+    """An accessor on another machine (the lab's remote namespace) reaching
+    a container through the host's expose port: accessor -> host -> VM side
+    in offload mode. Measured from the remote namespace."""
+
+    kind = "fastfwd"
+    name = "fastfwd-accessor"
+    EXPOSE_PORT = 2512
+    TOKEN = "perf-accessor-token"
+
+    def __init__(self):
+        super().__init__(True, 1)
+        self.name = "fastfwd-accessor"
+        self.host_addr = None
+
+    def start(self, lab, workdir):
+        lines = [
+            *[f"route {b.subnet} expose" for b in lab.bridges],
+            f"expose {lab.host_remote_ip}:{self.EXPOSE_PORT}",
+            f"token {self.TOKEN} 192.168.251.5",
+        ]
+        self.tunnel = Tunnel(
+            lab, tempfile.mkdtemp(prefix=self.name + "-", dir=workdir),
+            mtu=TUNNEL_MTU, routes=[], lines=lines,
+        )  # fmt: skip
+        self.tunnel.start()
+        self.tunnel.start_accessor(self.TOKEN, self.EXPOSE_PORT)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                if self.tunnel.status("access").get("routes"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name}: accessor not logged in\n{self.tunnel.logs()}")
+
+    def pids(self):
+        out = super().pids()
+        out["access"] = [p["pid"] for p in self.tunnel.status("access")["processes"]]
+        return out
+
+    def client_ns(self, lab):
+        return lab.remote_ns
 
 
 class _ReferenceTunnel(Path):
@@ -225,4 +275,5 @@ def _wait_ping(lab, ip, timeout_s=15.0):
 def all_paths(max_workers):
     paths = [Direct(), OpenVPN(), Socat(), Fastfwd(False, 1), Fastfwd(True, 1)]
     paths += [Fastfwd(True, w) for w in range(2, max_workers + 1)]
+    paths.append(FastfwdAccessor())
     return paths

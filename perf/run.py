@@ -30,29 +30,37 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def measure_path(lab, path, args, workdir, progress):
     c1 = lab.containers[0]
     path.start(lab, workdir)
+    cns = path.client_ns(lab)
     out = {}
     try:
         usage = measure.Usage(path.pids())
         time.sleep(args.idle_seconds)
         out["idle"] = usage.finish()
-        out["ping_idle"] = measure.ping(lab, c1.ip)
+        out["ping_idle"] = measure.ping(lab, c1.ip, client_ns=cns)
         usage = measure.Usage(path.pids())
-        out["tcp1_up"] = measure.tcp(lab, c1.ns, c1.ip, args.seconds)
+        out["tcp1_up"] = measure.tcp(lab, c1.ns, c1.ip, args.seconds, client_ns=cns)
         out["load"] = usage.finish()
         progress(f"tcp1 up {out['tcp1_up']['gbit_s']:.2f}")
-        out["tcp1_down"] = measure.tcp(lab, c1.ns, c1.ip, args.seconds, reverse=True)
+        out["tcp1_down"] = measure.tcp(
+            lab, c1.ns, c1.ip, args.seconds, reverse=True, client_ns=cns
+        )
         progress(f"down {out['tcp1_down']['gbit_s']:.2f}")
         if not args.quick:
-            out["tcp4_up"] = measure.tcp(lab, c1.ns, c1.ip, args.seconds, streams=4)
-            out["tcp4_down"] = measure.tcp(
-                lab, c1.ns, c1.ip, args.seconds, streams=4, reverse=True
+            out["tcp4_up"] = measure.tcp(
+                lab, c1.ns, c1.ip, args.seconds, streams=4, client_ns=cns
             )
+            out["tcp4_down"] = measure.tcp(
+                lab, c1.ns, c1.ip, args.seconds, streams=4, reverse=True,
+                client_ns=cns,
+            )  # fmt: skip
             progress(
                 f"tcp4 {out['tcp4_up']['gbit_s']:.2f}/{out['tcp4_down']['gbit_s']:.2f}"
             )
-            out["udp"] = measure.udp(lab, c1.ns, c1.ip, args.seconds)
+            out["udp"] = measure.udp(lab, c1.ns, c1.ip, args.seconds, client_ns=cns)
             progress(f"udp {out['udp']['rx_kpps']:.0f} kpps")
-            out["ping_load"] = measure.ping_under_load(lab, c1.ns, c1.ip, args.seconds)
+            out["ping_load"] = measure.ping_under_load(
+                lab, c1.ns, c1.ip, args.seconds, client_ns=cns
+            )
     finally:
         path.stop(lab)
     return out
@@ -155,7 +163,7 @@ def main(argv=None):
     results = {x.name: [] for x in todo}
     started = time.monotonic()
     with (
-        Lab(bridges=1, containers_per_bridge=1) as lab,
+        Lab(bridges=1, containers_per_bridge=1, remote=True) as lab,
         tempfile.TemporaryDirectory(prefix="fastfwd-perf-") as work,
     ):
         total = args.rounds * len(todo)
