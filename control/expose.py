@@ -24,7 +24,7 @@ import socket
 import time
 
 from control import messages
-from fastfwd import frames
+from fastfwd import endpoints, frames
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,8 @@ class ExposeServer:
                 self.error = f"cannot listen on UDP {addr[0]}:{addr[1]}: {exc.strerror}"
                 log.error("expose failed reason=%s", self.error)
                 return
+        # Big buffers, and UDP_GRO: an accessor's runs arrive whole.
+        endpoints.tune_socket(sock)
         sock.setblocking(False)
         self.sock, self.bound, self.error = sock, addr, None
         log.info("expose listening addr=%s:%d", addr[0], addr[1])
@@ -189,13 +191,15 @@ class ExposeServer:
             f"{ip}/{cfg.addr.network.prefixlen}", str(cfg.host_ip), cfg.mtu,
             self._exposed or (),
         )  # fmt: skip
+        # The writers learn the session before the accessor does: its first
+        # packet follows the answer at once.
+        self.publish()
         self._send(frames.encode_session(session), src)
         if old is None or old[1] != src:
             log.info(
                 "accessor logged in token=%s ip=%s src=%s:%d routes=%d",
                 frames.redact(token), ip, src[0], src[1], len(session.routes),
             )  # fmt: skip
-        self.publish()
 
     def _end(self, token, reason):
         ip, addr = self.sessions.pop(token)

@@ -88,7 +88,7 @@ def _tun_error(name, exc):
     return DeviceError(f"cannot create TUN device {name}: {exc.strerror}")
 
 
-def _tune(sock):
+def tune_socket(sock):
     # Large buffers absorb bursts at line rate; the kernel caps them at
     # net.core.{r,w}mem_max unless we are privileged enough to force them.
     for opt, force in (
@@ -121,7 +121,7 @@ def bind_udp(host, port, count=1):
             if count > 1:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
-            _tune(sock)
+            tune_socket(sock)
             sock.setblocking(False)
     except OSError as exc:
         for sock in socks:
@@ -148,7 +148,7 @@ def dial_udp(count=1):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             socks.append(sock)
             sock.bind(("0.0.0.0", 0))
-            _tune(sock)
+            tune_socket(sock)
             sock.setblocking(False)
     except OSError as exc:
         for sock in socks:

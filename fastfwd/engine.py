@@ -307,6 +307,7 @@ class Reader:
 
 
 _NOT_CONNECTED = {89, 107}  # EDESTADDRREQ, ENOTCONN: no peer yet
+_NO_UDP_GSO = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 
 
 def _count_batch(c, received, in_bytes, sent, out_bytes):
@@ -364,7 +365,9 @@ class Writer:
         self._host_ip = b""
         self._pong = False
         self._out_peer = None
-        self._xbuf = bytearray(SLOT_BYTES)
+        self._accessor_gso = True
+        self._relay_gso = True
+        self._xbuf = bytearray(BUFFER_BYTES)
         self._xview = memoryview(self._xbuf)
         # VM side: a control body being reassembled from chunks.
         self._body = None
@@ -445,8 +448,7 @@ class Writer:
         if out is None:
             c[st.DROPS_ACL] += 1
             return True
-        for packet in out:
-            self._to_accessor(packet, addr)
+        self._to_accessor_run(out[0], out[1], addr)
         return True
 
     def _to_accessor(self, packet, addr):
@@ -457,70 +459,142 @@ class Writer:
             return
         self._c[st.TO_ACCESSORS] += 1
 
+    def _to_accessor_run(self, data, size, addr):
+        """Send packets of ``size`` bytes lying back to back in ``data`` (the
+        last may be shorter), as UDP_SEGMENT runs while the kernel takes
+        them: on the wire they are one packet per datagram all the same."""
+        if len(data) <= size:
+            self._to_accessor(data, addr)
+            return
+        view = memoryview(data)
+        step = size * min(MAX_SEGMENTS, BATCH_BUFFER_BYTES // size)
+        for start in range(0, len(data), step):
+            run = view[start : start + step]
+            count = -(-len(run) // size)
+            if self._accessor_gso and count > 1:
+                cmsg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
+                try:
+                    self._expose.sendmsg([run], cmsg, 0, addr)
+                    self._c[st.TO_ACCESSORS] += count
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _NO_UDP_GSO:
+                        self._c[st.DROPS_IO] += count
+                        continue
+                    # LIMIT: no UDP segmentation towards the accessor (old
+                    # kernel, no checksum offload): one send per packet.
+                    self._accessor_gso = False
+            for i in range(0, len(run), size):
+                self._to_accessor(run[i : i + size], addr)
+
     def _on_expose_readable(self):
         """Datagrams on the expose port: IP packets from logged-in accessors
-        go to the VM side when they may; the rest goes to control."""
-        sock, buf, view, c = self._expose, self._xbuf, self._xview, self._c
-        session_ip, exposed = self._session_ip, self._exposed
-        host_ip, out_peer = self._host_ip, self._out_peer
-        relayed = acl = io_errors = 0
+        go to the VM side when they may; the rest goes to control.
+
+        The socket has UDP_GRO: an accessor's run of equal-sized packets
+        (fastfwd's accessor sends them with UDP_SEGMENT) arrives as one
+        buffer and, when every packet in it may pass, goes on to the VM side
+        as one UDP_SEGMENT run.
+        """
+        sock, view, c = self._expose, self._xview, self._c
+        session_ip, out_peer = self._session_ip, self._out_peer
+        xlist = [view]
+        relayed = 0
         for _ in range(BATCH_PKTS):
             try:
-                n, src = sock.recvfrom_into(buf)
+                n, anc, _, src = sock.recvmsg_into(xlist, _GRO_CMSG_BYTES)
             except BlockingIOError:
                 break
             except OSError:
-                io_errors += 1
+                c[st.DROPS_IO] += 1
                 continue
+            seg = int.from_bytes(anc[0][2][:2], sys.byteorder) if anc else n
             ip = session_ip.get(src)
-            if ip is not None and buf[0] >> 4 == 6:
-                acl += 1  # accessors have IPv4 addresses only
+            if ip is None and n >= MIN_PACKET_BYTES and view[0] >> 4 == 4:
+                # The message with a just-made session may still wait in
+                # the control channel (an accessor sends right after login).
+                if self.refresh_peers is not None:
+                    self.refresh_peers()
+                session_ip, out_peer = self._session_ip, self._out_peer
+                ip = session_ip.get(src)
+            if ip is None or seg >= n:
+                relayed += self._from_accessor(view[:n], src, ip, out_peer)
                 continue
-            if ip is None or n < MIN_PACKET_BYTES or buf[0] >> 4 != 4:
-                self._expose_frame(n, src)
-                continue
-            if view[12:16] != ip:
-                acl += 1  # an accessor sends from its own address only
-                continue
-            dst = view[16:20]
-            if dst == host_ip:
-                reply = packets.echo_reply(view[:n]) if self._pong else None
-                if reply is None:
-                    acl += 1
-                    continue
+            checked = [self._check_accessor_packet(view[i : i + seg], ip) for i in range(0, n, seg)]
+            if out_peer is not None and not any(checked) and self._relay_gso:
+                cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
                 try:
-                    sock.sendto(reply, src)
-                    c[st.PONGS] += 1
-                except OSError:
-                    io_errors += 1
-                continue
-            d = int.from_bytes(dst, "big")
-            for net, mask in exposed:
-                if d & mask == net:
-                    break
-            else:
-                acl += 1
-                continue
-            if out_peer is None:
-                c[st.DROPS_NO_PEER] += 1
-                continue
-            try:
-                self._sock.sendto(view[:n], out_peer)
-            except OSError:
-                io_errors += 1
-                continue
-            relayed += 1
+                    self._sock.sendmsg([view[:n]], cmsg, 0, out_peer)
+                    relayed += len(checked)
+                    continue
+                except OSError as exc:
+                    if exc.errno in _NO_UDP_GSO:
+                        self._relay_gso = False
+            for i in range(0, n, seg):
+                relayed += self._from_accessor(view[i : min(i + seg, n)], src, ip, out_peer)
         if relayed:
             c[st.FROM_ACCESSORS] += relayed
-        if acl:
-            c[st.DROPS_ACL] += acl
-        if io_errors:
-            c[st.DROPS_IO] += io_errors
 
-    def _expose_frame(self, n, src):
+    def _check_accessor_packet(self, packet, ip):
+        """0 when an accessor's packet may go to the VM side as it is."""
+        if len(packet) < MIN_PACKET_BYTES or packet[0] >> 4 != 4 or packet[12:16] != ip:
+            return 1
+        dst = packet[16:20]
+        if dst == self._host_ip:
+            return 1
+        d = int.from_bytes(dst, "big")
+        for net, mask in self._exposed:
+            if d & mask == net:
+                return 0
+        return 1
+
+    def _from_accessor(self, packet, src, ip, out_peer):
+        """One datagram from the expose port; returns 1 if relayed."""
+        c = self._c
+        n = len(packet)
+        if ip is not None and n and packet[0] >> 4 == 6:
+            c[st.DROPS_ACL] += 1  # accessors have IPv4 addresses only
+            return 0
+        if ip is None or n < MIN_PACKET_BYTES or packet[0] >> 4 != 4:
+            self._expose_frame(packet, src)
+            return 0
+        if packet[12:16] != ip:
+            c[st.DROPS_ACL] += 1  # an accessor sends from its own address only
+            return 0
+        dst = packet[16:20]
+        if dst == self._host_ip:
+            reply = packets.echo_reply(packet) if self._pong else None
+            if reply is None:
+                c[st.DROPS_ACL] += 1
+                return 0
+            try:
+                self._expose.sendto(reply, src)
+                c[st.PONGS] += 1
+            except OSError:
+                c[st.DROPS_IO] += 1
+            return 0
+        d = int.from_bytes(dst, "big")
+        for net, mask in self._exposed:
+            if d & mask == net:
+                break
+        else:
+            c[st.DROPS_ACL] += 1
+            return 0
+        if out_peer is None:
+            c[st.DROPS_NO_PEER] += 1
+            return 0
+        try:
+            self._sock.sendto(packet, out_peer)
+        except OSError:
+            c[st.DROPS_IO] += 1
+            return 0
+        return 1
+
+    def _expose_frame(self, packet, src):
         """Logins, and datagrams from addresses without a session: to the
         control process, throttled like other strangers' frames."""
         c = self._c
+        n = len(packet)
         if n == 0 or n > frames.UPSTREAM_BUFFER_BYTES:
             c[st.DROPS_MALFORMED] += 1
         elif not self._take_token():
@@ -530,7 +604,7 @@ class Writer:
                 messages.pack(
                     messages.EXPOSE_FRAME,
                     src=messages.peer_to_wire(src),
-                    data=bytes(self._xview[:n]),
+                    data=bytes(packet),
                 )
             )
 

@@ -40,12 +40,13 @@ def _pseudo(ip, proto, length):
 
 
 def finish(hdr, packet):
-    """One packet ready for the wire from a virtio-net header and its packet.
+    """Packets ready for the wire from a virtio-net header and its packet.
 
-    Returns a list of packets (one, or the segments of a super-packet), or
-    None when the packet is of a kind this module does not finish (IPv6,
-    a GSO type other than TCPv4, inconsistent offsets); the caller drops
-    and counts it.
+    Returns ``(data, size)``: the packets back to back in one buffer, each
+    ``size`` bytes but the last, which may be shorter (one packet: ``size``
+    is its length), ready for one ``UDP_SEGMENT`` send. None when the packet
+    is of a kind this module does not finish (IPv6, a GSO type other than
+    TCPv4, inconsistent offsets); the caller drops and counts it.
     """
     flags, gso_type, _, gso_size, csum_start, csum_offset = _VNET.unpack(hdr)
     kind = gso_type & ~GSO_ECN
@@ -53,14 +54,14 @@ def finish(hdr, packet):
         return None
     if kind == GSO_NONE:
         if not flags & NEEDS_CSUM:
-            return [bytes(packet)]
+            return bytes(packet), len(packet)
         at = csum_start + csum_offset
         if csum_start >= len(packet) or at + 2 > len(packet):
             return None
         out = bytearray(packet)
         # The field holds the pseudo-header sum the kernel started with.
         out[at : at + 2] = checksum(out[csum_start:])
-        return [bytes(out)]
+        return out, len(out)
     if kind == GSO_TCPV4 and gso_size:
         return segments(packet, gso_size)
     return None
@@ -72,7 +73,12 @@ def segments(packet, mss):
     Each segment gets the IP header with its own total length, a
     consecutive IP ID and a fresh header checksum, and the TCP header with
     its sequence number moved on and a full checksum. FIN and PSH stay on
-    the last segment only, CWR on the first only.
+    the last segment only, CWR on the first only. Returns ``(data, size)``
+    as :func:`finish` does.
+
+    The TCP checksum adds up pseudo-header, header and payload as separate
+    numbers (a one's-complement sum splits at any even offset), so the
+    payload is read once and copied once, into the output.
     """
     ihl = (packet[0] & 0x0F) * 4
     if packet[9] != PROTO_TCP or len(packet) < ihl + 20:
@@ -87,27 +93,39 @@ def segments(packet, mss):
     ip_id = int.from_bytes(ip[4:6], "big")
     seq = int.from_bytes(tcp[4:8], "big")
     tcp_flags = tcp[13]
-    out = []
+    addrs = int.from_bytes(ip[12:16], "big") + int.from_bytes(ip[16:20], "big")
     total = len(payload)
+    out = bytearray()
     for i, start in enumerate(range(0, max(total, 1), mss)):
         chunk = payload[start : start + mss]
-        last = start + mss >= total
-        ip[2:4] = (head + len(chunk)).to_bytes(2, "big")
+        size = len(chunk)
+        ip[2:4] = (head + size).to_bytes(2, "big")
         ip[4:6] = ((ip_id + i) & 0xFFFF).to_bytes(2, "big")
         ip[10:12] = b"\0\0"
         ip[10:12] = checksum(ip)
         tcp[4:8] = ((seq + start) & 0xFFFFFFFF).to_bytes(4, "big")
         f = tcp_flags
-        if not last:
+        if start + mss < total:
             f &= ~(_TCP_FIN | _TCP_PSH)
         if i:
             f &= ~_TCP_CWR
         tcp[13] = f
         tcp[16:18] = b"\0\0"
-        body = bytes(tcp) + bytes(chunk)
-        tcp_sum = checksum(_pseudo(ip, PROTO_TCP, len(body)) + body)
-        out.append(bytes(ip) + tcp_sum.join((body[:16], body[18:])))
-    return out
+        body = int.from_bytes(chunk, "big")
+        if size & 1:
+            body <<= 8  # an odd tail is padded with a zero byte
+        # Pseudo-header: both addresses, the protocol, the TCP length.
+        sum_ = addrs + PROTO_TCP + thl + size + int.from_bytes(tcp, "big") + body
+        tcp[16:18] = (0xFFFF - sum_ % 0xFFFF).to_bytes(2, "big")
+        out += ip
+        out += tcp
+        out += chunk
+    return out, head + min(mss, total) if total else head
+
+
+def split(data, size):
+    """The packets of a :func:`finish` result, one by one."""
+    return [bytes(data[i : i + size]) for i in range(0, len(data), size)]
 
 
 def echo_reply(packet):

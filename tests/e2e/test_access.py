@@ -52,7 +52,13 @@ def make_tunnel(lab, tmp_path, offload="on", extra=()):
 
 
 def logged_in(t):
-    return wait_for(lambda: t.status("access").get("logged_in"), 15.0)
+    """The accessor's status once it is logged in and its session applied."""
+
+    def applied():
+        st = t.status("access")
+        return st if st["logged_in"] and st["address"] and st["routes"] else None
+
+    return wait_for(applied, 15.0)
 
 
 def counters(t, side="host", name="writer0"):
@@ -235,7 +241,8 @@ def test_accessor_against_an_upstream_host(lab, tmp_path):
             b"route 10.99.0.0/16,route 10.98.0.0/16",
             acc,
         )
-        st = wait_for(lambda: t.status("access").get("logged_in") and t.status("access"))
+        st = logged_in(t)
+        assert st, t.logs()
         assert st["address"] == "192.168.251.7/24" and st["mtu"] == 1300
         assert st["routes"] == ["10.99.0.0/16"] and st["excluded"] == ["10.98.0.0/16"]
         link = lab.run(lab.remote_ns, "ip", "-o", "addr", "show", "dev", "fastfwd-acc").stdout

@@ -279,9 +279,9 @@ def test_reader_sends_runs_of_equal_packets_as_separate_datagrams_in_order(
 
 
 def test_writer_splits_a_run_received_with_udp_gro(rig):
-    from fastfwd.endpoints import _tune
+    from fastfwd.endpoints import tune_socket
 
-    _tune(rig.sock)  # turns UDP_GRO on
+    tune_socket(rig.sock)  # turns UDP_GRO on
     w = engine.Writer(
         rig.loop,
         rig.tun.engine_fd,

@@ -48,10 +48,12 @@ def vnet(gso_type, gso_size, flags=packets.NEEDS_CSUM, csum_start=20, csum_offse
 
 
 def test_super_packet_is_cut_into_valid_mss_segments():
-    payload = bytes(range(256)) * 20  # 5120 bytes
+    payload = bytes(range(256)) * 20 + b"odd"  # 5123 bytes: an odd tail
     pkt = tcp_super_packet(payload, flags=0x19 | 0x80)  # FIN PSH ACK CWR
-    out = packets.finish(vnet(packets.GSO_TCPV4, 1360), pkt)
-    assert [len(p) - 40 for p in out] == [1360, 1360, 1360, 1040]
+    data, size = packets.finish(vnet(packets.GSO_TCPV4, 1360), pkt)
+    assert size == 1400
+    out = packets.split(data, size)
+    assert [len(p) - 40 for p in out] == [1360, 1360, 1360, 1043]
     rebuilt = b""
     for i, seg in enumerate(out):
         assert packets.valid_checksum(seg[:20]), "IP header checksum"
@@ -72,7 +74,8 @@ def test_super_packet_is_cut_into_valid_mss_segments():
 
 def test_partial_checksum_is_completed():
     pkt = tcp_super_packet(b"hello world")
-    (out,) = packets.finish(vnet(packets.GSO_NONE, 0), pkt)
+    out, size = packets.finish(vnet(packets.GSO_NONE, 0), pkt)
+    assert size == len(out) == len(pkt)
     pseudo = out[12:20] + bytes((0, 6)) + (len(out) - 20).to_bytes(2, "big")
     assert packets.valid_checksum(pseudo + out[20:])
     assert out[:36] == pkt[:36] and out[38:] == pkt[38:] and out[36:38] != pkt[36:38]
