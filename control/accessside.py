@@ -2,8 +2,8 @@
 
 An accessor runs on another machine and reaches the containers a host
 exposes. Its workers are those of the other sides (one reader and one
-writer, upstream framing: one IP packet per datagram), its socket is
-connected to the host's expose port, and this process speaks the login:
+writer, upstream framing: one IP packet per datagram), talking to the
+host's expose port only, and this process speaks the login:
 
 1. send ``0x00`` + token; the host answers ``0x02`` (not logged in);
 2. send ``0x01`` + token; the host answers ``0x01`` + ``addr IP/PREFIX,
@@ -57,8 +57,17 @@ class AccessSide(Side):
         self.excluded = []
         self._applying = None
         self.pending = None
+        self.wanted = []  # Route objects of the applied session
+        self.address = None  # the device's address from the applied session
 
     async def setup(self):
+        # The device is ours and goes with us: no IPv6 chatter from it (the
+        # host drops an accessor's IPv6 anyway).
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{self.tun_name}/disable_ipv6", "w") as f:
+                f.write("1")
+        except OSError as exc:
+            log.debug("IPv6 left on dev=%s errno=%s", self.tun_name, exc.errno)
         self.nl = Netlink()
         self.routes = await self.nl.run(RouteTable, self.nl, self.tun_name)
         self.set_workers_peer([self.remote], "compat")
@@ -93,7 +102,7 @@ class AccessSide(Side):
 
     def send_login(self, kind, now):
         try:
-            self.socks[0].send(frames.login_frame(kind, self.token))
+            self.socks[0].sendto(frames.login_frame(kind, self.token), self.remote)
         except OSError as exc:
             log.debug("login not sent errno=%s", exc.errno)
         if kind == frames.LOGIN:
@@ -146,6 +155,14 @@ class AccessSide(Side):
         """Address, MTU and routes of a (new) session."""
         try:
             addr = ipaddress.IPv4Interface(session.addr)
+            reason = _unusable(addr) or await self.nl.run(
+                self.routes.conflict, addr.network, True
+            )
+            if reason:
+                log.error("session refused addr=%s reason=%s", session.addr, reason)
+                self.session, self.wanted, self.address = session, [], None
+                await self.nl.run(self.routes.reconcile, [])
+                return
             await self.nl.run(
                 self.nl.replace_tun_address, self.tun_name, addr.ip,
                 addr.network.prefixlen, session.mtu,
@@ -158,7 +175,8 @@ class AccessSide(Side):
                 else:
                     wanted.append(Route(net))
             added, removed = await self.nl.run(self.routes.reconcile, wanted)
-            self.session, self.excluded = session, excluded
+            self.session, self.excluded, self.wanted = session, excluded, wanted
+            self.address = session.addr
             log.info(
                 "logged in addr=%s peer=%s mtu=%d routes=%s excluded=%s",
                 session.addr, session.peer, session.mtu,
@@ -174,14 +192,7 @@ class AccessSide(Side):
             self.send_login(frames.LOGIN_HELLO, now)
         if self.session is not None and self._applying is None:
             # Restore routes something else removed.
-            wanted = [
-                Route(ipaddress.IPv4Network(r))
-                for r in self.session.routes
-                if not any(
-                    ipaddress.IPv4Network(r).overlaps(x) for x in self.exclude
-                )
-            ]
-            added, _ = await self.nl.run(self.routes.reconcile, wanted)
+            added, _ = await self.nl.run(self.routes.reconcile, self.wanted)
             if added:
                 log.warning("routes restored dev=%s count=%d", self.tun_name, len(added))
 
@@ -192,7 +203,7 @@ class AccessSide(Side):
         out.update(
             remote=f"{self.remote[0]}:{self.remote[1]}",
             logged_in=self.logged_in,
-            address=s.addr if s else None,
+            address=self.address,
             host_ip=s.peer if s else None,
             mtu=s.mtu if s else None,
             routes=sorted(str(n) for n in owned),
@@ -202,3 +213,13 @@ class AccessSide(Side):
             relogins=self.relogins,
         )
         return out
+
+
+def _unusable(addr):
+    """Why a host-given address cannot be this device's, or None."""
+    ip = addr.ip
+    if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local:
+        return "not a unicast address"
+    if addr.network.prefixlen < 8:
+        return "a network wider than /8"
+    return None

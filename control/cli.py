@@ -392,7 +392,6 @@ def cmd_access(args):
     tun_fds, name, _ = endpoints.open_tun(args.dev, 1, vnet_hdr=False)
     try:
         socks = endpoints.dial_udp(1)
-        socks[0].connect(remote)
     except (TransportError, OSError) as exc:
         for fd in tun_fds:
             os.close(fd)

@@ -356,6 +356,19 @@ def _cross_check(cfg, path, token_lines):
             problems.append((path, line, f"token IP {ip} is outside the tunnel network {net}"))
         elif ip in taken:
             problems.append((path, line, f"token IP {ip} is {taken[ip]}"))
+    exposed = tuple(str(r.network) for r in cfg.routes.values() if r.expose)
+    if exposed:
+        # The upstream accessor reads its login answer into 2000 bytes.
+        from fastfwd.frames import Session, UPSTREAM_BUFFER_BYTES, encode_session
+
+        longest = f"{net.broadcast_address}/{net.prefixlen}"
+        answer = encode_session(Session(longest, str(cfg.host_ip), cfg.mtu, exposed))
+        if len(answer) > UPSTREAM_BUFFER_BYTES:
+            problems.append(
+                (path, cfg.lines.get("route", 0),
+                 f"{len(exposed)} exposed routes make a {len(answer)}-byte login answer; "
+                 f"an accessor takes at most {UPSTREAM_BUFFER_BYTES}: expose fewer, wider networks")
+            )  # fmt: skip
     e = cfg.expose
     if e is not None and e.port == cfg.port and (
         e.host == cfg.host or "0.0.0.0" in (e.host, cfg.host)

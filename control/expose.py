@@ -73,7 +73,7 @@ class ExposeServer:
             self.close()
             await self._bind(want)
         for token, (ip, addr) in list(self.sessions.items()):
-            if cfg.tokens.get(token) != ip:
+            if self.token_ip(token) != ip:
                 self._end(token, "token removed or given another IP")
         exposed = tuple(
             str(r.network) for r in cfg.routes.values() if r.expose
@@ -107,8 +107,11 @@ class ExposeServer:
         self.send_socket()
 
     def close(self):
-        """Close the port; every session ends with it."""
+        """Close the port; every session ends with it, and each accessor is
+        told so."""
         if self.sessions:
+            for ip, addr in self.sessions.values():
+                self._send(frames.NOT_LOGGED_IN_FRAME, addr)
             log.info("accessor sessions ended count=%d", len(self.sessions))
         self.sessions = {}
         if self.sock is not None:
@@ -169,9 +172,26 @@ class ExposeServer:
             # token that was removed): the accessor logs in again.
             self._send(frames.NOT_LOGGED_IN_FRAME, src)
 
+    def token_ip(self, token):
+        """The IP of a token line, if it fits the running tunnel network (a
+        changed ``addr`` waits for a restart; its tokens wait with it)."""
+        ip = self.cfg.tokens.get(token)
+        net = self.cfg.addr.network
+        if ip is None or ip not in net or ip in (
+            self.cfg.vm_ip, self.cfg.host_ip, net.network_address, net.broadcast_address,
+        ):  # fmt: skip
+            return None
+        return ip
+
     def _login(self, src, raw):
         token = raw.decode("utf-8", "replace")
-        ip = self.cfg.tokens.get(token)
+        ip = self.token_ip(token)
+        if ip is None and token in self.cfg.tokens:
+            log.error(
+                "accessor login refused token=%s: its IP %s is outside the running "
+                "tunnel network %s", frames.redact(token), self.cfg.tokens[token],
+                self.cfg.addr.network,
+            )  # fmt: skip
         if ip is None:
             # No answer: guessing tokens learns nothing.
             self.refused += 1
@@ -183,6 +203,10 @@ class ExposeServer:
                     src[0], src[1], frames.redact(token), self.refused,
                 )  # fmt: skip
             return
+        for other, (_, addr) in list(self.sessions.items()):
+            if addr == src and other != token:
+                # One address, one session: its packets carry one IP.
+                self.sessions.pop(other)
         old = self.sessions.get(token)
         self.sessions[token] = (ip, src)
         self.logins += 1

@@ -96,7 +96,10 @@ class HostSide(Side):
                 text = f.read()
             target = self._snapshot_path(self.cfg.state)
             os.makedirs(os.path.dirname(target) or ".", mode=0o700, exist_ok=True)
-            with open(target + ".tmp", "w", encoding="utf-8") as f:
+            # It holds tokens and the secret: readable by root only.
+            fd = os.open(target + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with open(fd, "w", encoding="utf-8") as f:
                 f.write(text)
             os.replace(target + ".tmp", target)
         except OSError as exc:

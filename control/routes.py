@@ -135,15 +135,19 @@ class RouteTable:
             if proto == RTPROT_FASTFWD and oif == self.index
         }
 
-    def conflict(self, net):
-        """Why ``net`` must not be routed into the tunnel, or None."""
+    def conflict(self, net, any_proto_here=False):
+        """Why ``net`` must not be routed into the tunnel, or None.
+
+        ``any_proto_here``: routes on the device itself never conflict, not
+        only fastfwd's (for the device's own address and its kernel route).
+        """
         for name, iface in self.nl.ipv4_addresses():
             if name == self.ifname:
                 continue
             if iface.network.overlaps(net):
                 return f"overlaps {iface.network} on {name}"
         for other, proto, oif, gateway in self.nl.main_routes():
-            if proto == RTPROT_FASTFWD and oif == self.index:
+            if oif == self.index and (any_proto_here or proto == RTPROT_FASTFWD):
                 continue
             if other.prefixlen == 0:
                 if gateway and ipaddress.IPv4Address(gateway) in net:

@@ -225,16 +225,11 @@ class VmSide(Side):
                 await asyncio.sleep(RESOLVE_BACKOFF_S[-1])
 
     def connect(self, addr):
-        # The sockets are shared with the workers (one open file each), so
-        # connecting them here redirects the readers and filters the writers.
-        try:
-            for sock in self.socks:
-                sock.connect(addr)
-        except OSError as exc:
-            log.warning(
-                "host unreachable addr=%s:%d errno=%s", addr[0], addr[1], exc.errno
-            )
-            return
+        # The sockets stay unconnected: the workers send to the address
+        # they are told and take datagrams from it only. On a connected UDP
+        # socket one ICMP "port unreachable" (a host briefly down) becomes a
+        # socket error, and the event loop stops watching the socket for
+        # good.
         old, self.host_addr = self.host_addr, tuple(addr)
         log.info("host connected addr=%s:%d previous=%s", addr[0], addr[1], old)
         self.host_hello = None
@@ -256,7 +251,7 @@ class VmSide(Side):
             networks=tuple(sorted(self.networks)),
         )  # fmt: skip
         try:
-            self.socks[0].send(frames.encode_hello(hello, self.secret))
+            self.socks[0].sendto(frames.encode_hello(hello, self.secret), self.host_addr)
         except OSError as exc:
             log.debug("hello failed errno=%s", exc.errno)
         self.last_hello = now
@@ -301,7 +296,7 @@ class VmSide(Side):
 
     def send_heartbeat(self, now):
         try:
-            self.socks[0].send(frames.HEARTBEAT_FRAME)
+            self.socks[0].sendto(frames.HEARTBEAT_FRAME, self.host_addr)
         except OSError as exc:
             log.debug("heartbeat failed errno=%s", exc.errno)
         self.last_heartbeat = now

@@ -66,9 +66,10 @@ OFFLOAD_FRAME = frames.OFFLOAD
 class Reader:
     """Carries packets from one TUN queue to the UDP socket.
 
-    ``connected`` means the control process connected the socket to the peer
-    (VM side); otherwise each datagram goes to the address set with
-    :meth:`set_peer` (host side). ``vnet_hdr`` says the TUN queue was opened
+    Each datagram goes to the address set with :meth:`set_peer`; with
+    ``connected`` the socket is connected to the peer and ``send`` is used
+    instead (fastfwd's own sides keep their sockets unconnected, see
+    :class:`Writer`). ``vnet_hdr`` says the TUN queue was opened
     with IFF_VNET_HDR, so every read starts with a virtio-net header.
 
     Buffer layout with a virtio-net header: the packet is read at offset 1,
@@ -322,9 +323,12 @@ def _count_batch(c, received, in_bytes, sent, out_bytes):
 class Writer:
     """Carries datagrams from the UDP socket to one TUN queue.
 
-    On the host side (``connected`` false) only IP packets whose source is
-    one of the peer's addresses reach TUN; on the VM side the kernel already
-    filters by the connected address. ``channel`` is the non-blocking
+    Only IP packets whose source is one of the peer's addresses reach TUN.
+    ``connected`` means the client role (VM side, accessor): the peer is the
+    one server it was told, strangers are never heard, and control bodies
+    arrive. (The socket itself stays unconnected: on a connected UDP socket
+    an ICMP error becomes a poll error, and the event loop would stop
+    watching the socket.) ``channel`` is the non-blocking
     seqpacket socket to the control process.
 
     With ``vnet_hdr`` every TUN write starts with a virtio-net header. The
@@ -352,7 +356,10 @@ class Writer:
         except OSError:
             self._gro = False
         self.refresh_peers = None  # set by the worker: reads pending messages
-        self._tokens, self._tokens_at = STRANGER_BURST, 0.0
+        # Token buckets for strangers' frames: [tokens, time]; the expose
+        # port has its own, so a flood there cannot starve the tunnel's.
+        self._bucket = [STRANGER_BURST, 0.0]
+        self._xbucket = [STRANGER_BURST, 0.0]
         # Host side with accessors: the expose socket, and the sessions as
         # accessor IP (4 bytes) -> address, and address -> IP. ``_sessions``
         # stays empty while there is no socket to relay through.
@@ -537,7 +544,12 @@ class Writer:
 
     def _check_accessor_packet(self, packet, ip):
         """0 when an accessor's packet may go to the VM side as it is."""
-        if len(packet) < MIN_PACKET_BYTES or packet[0] >> 4 != 4 or packet[12:16] != ip:
+        if (
+            len(packet) < MIN_PACKET_BYTES
+            or packet[0] >> 4 != 4
+            or packet[12:16] != ip
+            or (packet[2] << 8 | packet[3]) != len(packet)
+        ):
             return 1
         dst = packet[16:20]
         if dst == self._host_ip:
@@ -557,6 +569,9 @@ class Writer:
             return 0
         if ip is None or n < MIN_PACKET_BYTES or packet[0] >> 4 != 4:
             self._expose_frame(packet, src)
+            return 0
+        if (packet[2] << 8 | packet[3]) != n:
+            c[st.DROPS_MALFORMED] += 1  # not one whole IP packet
             return 0
         if packet[12:16] != ip:
             c[st.DROPS_ACL] += 1  # an accessor sends from its own address only
@@ -597,7 +612,7 @@ class Writer:
         n = len(packet)
         if n == 0 or n > frames.UPSTREAM_BUFFER_BYTES:
             c[st.DROPS_MALFORMED] += 1
-        elif not self._take_token():
+        elif not self._take_token(self._xbucket):
             c[st.DROPS_THROTTLED] += 1
         else:
             self._to_control(
@@ -735,7 +750,7 @@ class Writer:
             # channel); the VM side talks to its host only.
             if self._connected or first >= 0x10 and not frames.is_ip(first):
                 c[st.DROPS_UNKNOWN_SRC] += 1
-            elif not self._take_token():
+            elif not self._take_token(self._bucket):
                 c[st.DROPS_THROTTLED] += 1
             elif frames.is_ip(first) or first == OFFLOAD_FRAME:
                 # A peer whose address changed (NAT rebinding) while sending.
@@ -789,17 +804,16 @@ class Writer:
             return
         c[st.DROPS_MALFORMED] += 1
 
-    def _take_token(self):
+    @staticmethod
+    def _take_token(bucket):
         """Token bucket for frames from strangers: STRANGER_FRAMES_PER_S."""
         now = time.monotonic()
-        self._tokens = min(
-            STRANGER_BURST,
-            self._tokens + (now - self._tokens_at) * STRANGER_FRAMES_PER_S,
-        )
-        self._tokens_at = now
-        if self._tokens < 1.0:
+        tokens = min(STRANGER_BURST, bucket[0] + (now - bucket[1]) * STRANGER_FRAMES_PER_S)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
             return False
-        self._tokens -= 1.0
+        bucket[0] = tokens - 1.0
         return True
 
     def _write_tun(self, packet):

@@ -317,4 +317,5 @@ def redact(token):
     """A token as logs may show it: never whole."""
     if len(token) <= 4:
         return "*" * len(token)
-    return token[:2] + "…" + f"({len(token)})"
+    head = "".join(c if c.isascii() and c.isprintable() else "?" for c in token[:2])
+    return head + "…" + f"({len(token)})"

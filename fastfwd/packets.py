@@ -135,7 +135,11 @@ def echo_reply(packet):
         return None
     ihl = (packet[0] & 0x0F) * 4
     total = int.from_bytes(packet[2:4], "big")
-    if total > len(packet) or total < ihl + 8 or packet[ihl] != 8:
+    if ihl < 20 or total != len(packet) or total < ihl + 8 or packet[ihl] != 8:
+        return None
+    if int.from_bytes(packet[6:8], "big") & 0x3FFF:
+        return None  # a fragment (MF set or an offset): not a whole request
+    if not valid_checksum(packet[:ihl]) or not valid_checksum(packet[ihl:total]):
         return None
     out = bytearray(packet[:total])
     out[12:16], out[16:20] = packet[16:20], packet[12:16]

@@ -157,7 +157,7 @@ class Supervisor:
             "--parent", str(os.getpid()), "--loglevel", self.loglevel,
         ]  # fmt: skip
         if self.side in ("vm", "access"):
-            argv.append("--connected")
+            argv.append("--client")
         if self.vnet_hdr:
             argv.append("--vnet-hdr")
         fds = [tun_fd, udp.fileno(), wrk_end.fileno(), self.stats_fd]

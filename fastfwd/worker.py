@@ -26,7 +26,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="fastfwd-worker")
     p.add_argument("--role", choices=("reader", "writer"), required=True)
     p.add_argument("--queue", type=int, default=0)
-    p.add_argument("--connected", action="store_true")
+    # The client role (VM side, accessor): one server address, told by the
+    # control process; the socket itself is never connected.
+    p.add_argument("--client", action="store_true")
     p.add_argument("--vnet-hdr", action="store_true")
     p.add_argument("--tun-fd", type=int, required=True)
     p.add_argument("--udp-fd", type=int, required=True)
@@ -51,13 +53,13 @@ class Worker:
         self.channel.setblocking(False)
         if args.role == "reader":
             self.engine = engine.Reader(
-                loop, args.tun_fd, self.sock, slot, connected=args.connected,
+                loop, args.tun_fd, self.sock, slot, connected=False,
                 vnet_hdr=args.vnet_hdr, gso=True,
             )  # fmt: skip
         else:
             self.engine = engine.Writer(
                 loop, args.tun_fd, self.sock, slot, self.channel,
-                connected=args.connected, vnet_hdr=args.vnet_hdr,
+                connected=args.client, vnet_hdr=args.vnet_hdr,
             )  # fmt: skip
         self.stopped = loop.create_future()
 

@@ -151,3 +151,11 @@ def test_token_ips_and_the_expose_port_are_checked_across_lines():
     assert "tunnel's own UDP port" in problems[6]
     cfg = parse("expose 0.0.0.0:2512 restart\ntoken fine 192.168.251.9\npong on\n")
     assert cfg.expose == config.Expose("0.0.0.0", 2512, True) and cfg.pong
+
+
+def test_exposed_routes_must_fit_the_upstream_login_answer():
+    many = "\n".join(f"route 10.{i // 200}.{i % 200}.0/24 expose" for i in range(130))
+    with pytest.raises(ConfigError) as err:
+        parse(many + "\n")
+    assert "login answer" in err.value.problems[0][2]
+    parse("\n".join(f"route 10.{i}.0.0/16 expose" for i in range(60)) + "\n")

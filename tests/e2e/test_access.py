@@ -263,6 +263,11 @@ def test_accessor_against_an_upstream_host(lab, tmp_path):
             if data[:1] == b"\x01":
                 break
         assert data == b"\x01" + TOKEN.encode()
+        # An address no device should take is refused, routes and all.
+        host.sendto(b"\x01addr 127.0.0.5/8,peer 127.0.0.2,mtu 1400,route 10.97.0.0/16", acc)
+        assert wait_for(lambda: t.status("access")["address"] is None, 5.0)
+        assert t.status("access")["routes"] == []
+        assert "127.0.0.5" not in lab.run(lab.remote_ns, "ip", "addr").stdout
     finally:
         host.close()
         t.stop()
@@ -292,5 +297,30 @@ def test_sessions_survive_crashed_workers_and_control(lab, tmp_path):
             assert wait_for(lambda: answers(lab, c1.ip, lab.remote_ns), 15.0), (name, t.logs())
         assert t.status("host")["expose"]["listen"] == f"{lab.host_remote_ip}:{EXPOSE_PORT}"
         assert t.status("access")["relogins"] >= 1
+    finally:
+        t.stop()
+
+
+def test_accessor_started_before_the_expose_port_logs_in_when_it_opens(lab, tmp_path):
+    """Logins sent to a closed port come back as ICMP port unreachable; the
+    accessor keeps trying and logs in once the port opens. Removing the
+    port tells it so."""
+    t = Tunnel(lab, tmp_path / "tunnel", routes=["172.18.0.0/16"])
+    t.start()
+    try:
+        t.start_accessor(TOKEN, EXPOSE_PORT)
+        time.sleep(3)  # a few logins into the closed port
+        assert not t.status("access")["logged_in"]
+        t.config_lines(
+            "route 172.18.0.0/16 expose",
+            f"expose {lab.host_remote_ip}:{EXPOSE_PORT}",
+            f"token {TOKEN} {ACCESSOR_IP}",
+        )
+        assert logged_in(t), t.logs()
+        assert wait_for(lambda: answers(lab, lab.containers[0].ip, lab.remote_ns), 10.0)
+        lines = [x for x in open(t.config, encoding="utf-8") if not x.startswith("expose")]
+        with open(t.config, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        assert wait_for(lambda: not t.status("access")["logged_in"], 10.0), t.logs()
     finally:
         t.stop()

@@ -153,6 +153,24 @@ def test_restarted_host_sends_to_the_remembered_peer_at_once(lab, tunnel):
     assert ping(lab, lab.host_ns, lab.containers[0].ip).returncode == 0
 
 
+def test_vm_side_keeps_listening_through_a_host_down_for_seconds(lab, tunnel):
+    """Heartbeats to a host that is down come back as ICMP port unreachable;
+    the VM side must still hear the host when it returns."""
+    tunnel.stop_host()
+    time.sleep(7)  # more than a heartbeat interval: at least one goes unanswered
+    tunnel.start_host()
+    tunnel.wait_ready()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if ping(lab, lab.host_ns, lab.containers[0].ip, count=1).returncode == 0:
+            break
+        time.sleep(0.5)
+    assert ping(lab, lab.host_ns, lab.containers[0].ip).returncode == 0, tunnel.logs()
+    vm = tunnel.status("vm")
+    writer = next(p for p in vm["processes"] if p["name"] == "writer0")
+    assert writer["counters"]["pkts_out"] > 0
+
+
 @pytest.mark.parametrize("side", ["host", "vm"])
 def test_sigterm_leaves_no_route_rule_or_device_behind(lab, tmp_path, side):
     from lab.tunnel import Tunnel

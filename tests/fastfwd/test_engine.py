@@ -126,7 +126,7 @@ def test_writer_drops_malformed_and_empty_datagrams(rig):
 
 
 def _connected_writer(rig):
-    rig.sock.connect(rig.peer.getsockname())
+    # The client role: the socket stays unconnected, the peer is told.
     rig.peer.connect(rig.sock.getsockname())
     w = engine.Writer(
         rig.loop,
@@ -308,3 +308,27 @@ def test_writer_splits_a_run_received_with_udp_gro(rig):
     w.stop()
     assert [rig.tun.written() for _ in packets] == packets
     assert rig.writer_slot[st.PKTS_OUT] == len(packets)
+
+
+def test_a_flood_on_the_expose_port_leaves_the_tunnels_budget_alone(rig):
+    """Strangers' frames on the expose port and on the tunnel's port have
+    separate budgets: a login flood cannot keep a new VM side out."""
+    expose, flooder = udp_pair()
+    rig.writer.set_expose(expose, True)
+    rig.writer.start()
+    for _ in range(int(engine.STRANGER_BURST) + 50):
+        flooder.sendto(b"\x00flood", expose.getsockname())
+    rig.spin()
+    assert rig.writer_slot[st.DROPS_THROTTLED] >= 40
+    rig.peer.sendto(frames.HEARTBEAT_FRAME, rig.sock.getsockname())
+    rig.spin()
+    ops = []
+    rig.control.settimeout(0.2)
+    try:
+        while True:
+            ops.append(messages.unpack(rig.control.recv(65536))["op"])
+    except TimeoutError:
+        pass
+    assert ops.count(messages.EXPOSE_FRAME) == int(engine.STRANGER_BURST)
+    assert ops[-1] == messages.FRAME  # the heartbeat still got through
+    flooder.close()

@@ -102,6 +102,17 @@ def test_echo_reply_swaps_addresses_and_keeps_checksums_valid():
     assert reply[20] == 0 and reply[24:] == bytes(icmp[4:])
     assert packets.valid_checksum(reply[:20]) and packets.valid_checksum(reply[20:])
     assert packets.echo_reply(bytes(ip[:20]) + b"\x00" + bytes(icmp[1:])) is None
+    # Only whole, well-formed requests are answered: not a first fragment,
+    # not a bad ICMP checksum, not a datagram longer than its IP length.
+    frag = bytearray(ip)
+    frag[6] |= 0x20  # more fragments
+    frag[10:12] = b"\0\0"
+    frag[10:12] = packets.checksum(frag)
+    assert packets.echo_reply(bytes(frag + icmp)) is None
+    bad = bytearray(icmp)
+    bad[-1] ^= 0xFF
+    assert packets.echo_reply(bytes(ip + bad)) is None
+    assert packets.echo_reply(bytes(ip + icmp) + b"junk") is None
 
 
 def test_session_answer_round_trips_and_matches_the_upstream_text():
