@@ -444,6 +444,7 @@ def format_status(status):
     for key in (
         "address",
         "framing",
+        "frame_segment_bytes",
         "peer",
         "peer_silent_s",
         "host",

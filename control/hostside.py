@@ -238,7 +238,11 @@ class HostSide(Side):
                 "hello ignored src=%s version=%d mtu=%d", src, hello.version, hello.mtu
             )
             return
-        our_caps = frames.CAP_OFFLOAD if self.vnet_hdr and self.cfg.offload else 0
+        our_caps = 0
+        if self.vnet_hdr and self.cfg.offload:
+            our_caps = frames.CAP_OFFLOAD
+            if self.gso_frames_ok:
+                our_caps |= frames.CAP_GSO_FRAMES
         try:
             reply = frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)
             self.socks[0].sendto(frames.encode_hello(reply, self.secret), src)
@@ -295,7 +299,8 @@ class HostSide(Side):
         addrs = [(peer[0], p) for p in ports] or [peer]
         if peer not in addrs:
             addrs.insert(0, peer)
-        self.set_workers_peer(addrs, self.wanted_framing())
+        caps = self.peer_hello.caps if self.peer_hello else 0
+        self.set_workers_peer(addrs, self.wanted_framing(), caps)
 
     def on_worker_started(self, role, queue):
         self.send_peer()
@@ -306,6 +311,8 @@ class HostSide(Side):
         self.expose.on_frame(src, data)
 
     async def on_tick(self, now):
+        # Offload frames cut up on the way: the next hello answer says so.
+        self.check_splits()
         last = self.latest("writer", "last_in_ns")
         if last:
             self.peer.traffic(last)
@@ -541,6 +548,7 @@ class HostSide(Side):
             control_pushes=self.pushes,
             address=f"{self.cfg.host_ip}/{self.cfg.addr.network.prefixlen}",
             framing=self.framing,
+            frame_segment_bytes=self.frame_seg,
             peer_mtu=self.peer_hello.mtu if self.peer_hello else None,
             authenticated=bool(self.secret),
             rejected_hellos=self.rejected_hellos,

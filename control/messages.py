@@ -10,7 +10,9 @@ imports nothing else from the project. Every message is a map with an
 import msgpack
 
 # control -> worker
-SET_PEER = "set_peer"  # addrs: [[host, port], ...] (may be empty), framing: str
+# addrs: [[host, port], ...] (may be empty), framing: str, frame_seg: int
+# (readers: send OFFLOAD frames as UDP_SEGMENT runs of this size; 0: don't)
+SET_PEER = "set_peer"
 SET_LOGLEVEL = "set_loglevel"  # level: str
 STOP = "stop"
 # writers, host side: the expose socket travels as SCM_RIGHTS with this

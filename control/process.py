@@ -55,6 +55,12 @@ class Side:
         self.restarts = {}  # "reader0" -> times restarted, from the supervisor
         self.stopped = self.loop.create_future()
         self.framing = "compat"
+        self.framing_label = "compat"
+        self.frame_seg = 0
+        # Offload frames reach this side whole as UDP_SEGMENT runs until a
+        # writer counts one that did not (the path cuts them up).
+        self.gso_frames_ok = True
+        self._splits_seen = 0
         self.started_at = time.time()
         self.local = None
 
@@ -118,16 +124,28 @@ class Side:
                         "worker channel full, message dropped errno=%s", exc.errno
                     )
 
-    def set_workers_peer(self, addrs, framing):
+    def set_workers_peer(self, addrs, framing, peer_caps=0):
         """Tell every worker whom to talk to and how to frame; logs a
-        change of framing."""
-        if framing != self.framing:
-            log.info("framing changed framing=%s", framing)
-            self.framing = framing
+        change of framing. With ``peer_caps`` holding CAP_GSO_FRAMES (and
+        this side still receiving frames whole) offload frames travel as
+        UDP_SEGMENT runs sized for the path to the peer."""
+        seg = 0
+        if framing == "offload" and peer_caps & frames.CAP_GSO_FRAMES and addrs:
+            try:
+                seg = linux.udp_payload_limit(addrs[0])
+            except OSError as exc:
+                log.debug("path MTU unknown errno=%s", exc.errno)
+        label = framing if not seg else f"{framing}+gso-frames"
+        if label != self.framing_label:
+            log.info("framing changed framing=%s segment_bytes=%d", framing, seg)
+            self.framing_label = label
+        self.framing = framing
+        self.frame_seg = seg
         self.to_workers(
             messages.pack(
-                messages.SET_PEER, addrs=messages.peers_to_wire(addrs), framing=framing
-            )
+                messages.SET_PEER, addrs=messages.peers_to_wire(addrs),
+                framing=framing, frame_seg=seg,
+            )  # fmt: skip
         )
 
     def to_supervisor(self, packed):
@@ -144,6 +162,20 @@ class Side:
             self.counters.read(st.slot_index(role, q))
             for q in range(self.spec["workers"])
         ]
+
+    def check_splits(self):
+        """True once, when writers first report offload frames that did not
+        arrive whole: this side then stops asking for GSO frames."""
+        splits = sum(s["drops_split"] for s in self.slots("writer"))
+        if splits > self._splits_seen and self.gso_frames_ok:
+            self._splits_seen = splits
+            self.gso_frames_ok = False
+            log.warning(
+                "offload frames arrive cut up on this path drops=%d; "
+                "asking the peer for whole datagrams again", splits,
+            )  # fmt: skip
+            return True
+        return False
 
     def latest(self, role, field):
         """Newest monotonic timestamp (seconds) of ``field`` over all workers."""

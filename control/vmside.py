@@ -244,6 +244,8 @@ class VmSide(Side):
         caps = frames.CAP_RESET_PAIRS | frames.CAP_NETWORKS
         if self.vnet_hdr:
             caps |= frames.CAP_OFFLOAD
+            if self.gso_frames_ok:
+                caps |= frames.CAP_GSO_FRAMES
         hello = frames.Hello(
             frames.HELLO_VERSION, caps, self.mtu,
             ports=tuple(sock.getsockname()[1] for sock in self.socks),
@@ -289,7 +291,10 @@ class VmSide(Side):
         framing = "compat"
         if self.vnet_hdr and self.host_hello is not None:
             framing = framing_for(self.host_hello.caps)
-        self.set_workers_peer([self.host_addr] if self.host_addr else [], framing)
+        caps = self.host_hello.caps if self.host_hello is not None else 0
+        self.set_workers_peer(
+            [self.host_addr] if self.host_addr else [], framing, caps
+        )
 
     def on_worker_started(self, role, queue):
         self.send_framing()
@@ -303,6 +308,8 @@ class VmSide(Side):
         self.heartbeats += 1
 
     async def on_tick(self, now):
+        if self.check_splits() and self.host_addr is not None:
+            self.send_hello(now)  # offload frames arrive cut up: say so now
         if self.host_addr is not None:
             last_sent = max(self.last_heartbeat, self.latest("reader", "last_out_ns"))
             if now - last_sent >= HEARTBEAT_S:
@@ -455,6 +462,7 @@ class VmSide(Side):
             if self.host_addr is None
             else f"{self.host_addr[0]}:{self.host_addr[1]}",
             framing=self.framing,
+            frame_segment_bytes=self.frame_seg,
             heartbeats=self.heartbeats,
             pairs=sorted(" ".join(p) for p in self.applied),
             pending_pairs=sorted(" ".join(p) for p in self.pairs - self.applied.keys()),

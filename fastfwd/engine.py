@@ -103,6 +103,7 @@ class Reader:
         self._batch = bytearray(BATCH_BUFFER_BYTES)
         self._batch_view = memoryview(self._batch)
         self._hdr = bytearray(_VNET)
+        self.set_frame_segments(0)
         self.set_framing(COMPAT)
 
     def start(self):
@@ -115,6 +116,13 @@ class Reader:
     def set_peer(self, addr):
         """Send to ``addr`` (an ``(ip, port)`` tuple) from now on; None stops."""
         self._peer = addr
+
+    def set_frame_segments(self, seg):
+        """Send OFFLOAD frames as UDP_SEGMENT runs of ``seg``-byte datagrams
+        (the largest payload the path carries unfragmented); 0 sends each
+        frame as one datagram, which the underlay fragments."""
+        self._frame_seg = seg
+        self._frame_cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))] if seg else []
 
     def set_framing(self, framing):
         """Switch between COMPAT and OFFLOAD (OFFLOAD needs ``vnet_hdr``)."""
@@ -136,6 +144,10 @@ class Reader:
         buf, rx_view, view = self._buf, self._rx_view, self._view
         sock, peer, connected = self._sock, self._peer, self._connected
         start, extra, check_gso = self._start, self._end_extra, self._check_gso
+        # OFFLOAD frames longer than one datagram of the path go out as a
+        # UDP_SEGMENT run (GSO frames) when the peer takes them that way.
+        seg = self._frame_seg if self.framing == OFFLOAD else 0
+        cmsg = self._frame_cmsg
         pkts = out_bytes = in_bytes = no_peer = io_errors = received = bad = 0
         for _ in range(BATCH_PKTS):
             n = readinto(rx_view)
@@ -148,7 +160,20 @@ class Reader:
                 continue
             end = n + extra
             try:
-                if connected:
+                if seg and end - start > seg and peer is not None:
+                    try:
+                        sock.sendmsg([view[start:end]], cmsg, 0, peer)
+                    except BlockingIOError:
+                        raise
+                    except OSError as exc:
+                        if exc.errno not in _NO_UDP_GSO:
+                            raise
+                        # LIMIT: the kernel or the path refuses UDP
+                        # segmentation: whole datagrams, fragmented, again.
+                        self.set_frame_segments(0)
+                        seg = 0
+                        sock.sendto(view[start:end], peer)
+                elif connected:
                     sock.send(view[start:end])
                 elif peer is not None:
                     sock.sendto(view[start:end], peer)
@@ -636,7 +661,8 @@ class Writer:
         recvfrom_into, recvmsg_into = self._sock.recvfrom_into, self._sock.recvmsg_into
         gro, rx_list = self._gro, [rx]
         sessions = self._sessions
-        pkts = out_bytes = in_bytes = received = io_errors = 0
+        frame_bytes = frames.offload_frame_bytes
+        pkts = out_bytes = in_bytes = received = io_errors = split = 0
         collecting = self._body is not None
         for _ in range(BATCH_PKTS):
             try:
@@ -647,6 +673,25 @@ class Writer:
                     if anc and n > (
                         seg := int.from_bytes(anc[0][2][:2], sys.byteorder)
                     ):
+                        if rx[0] == OFFLOAD_FRAME and off:
+                            # A GSO frame: one offload frame cut into
+                            # datagrams by the sender's kernel, whole again.
+                            if src not in peers or collecting:
+                                self._slow_path(min(n, seg), src)
+                            elif frame_bytes(rx) != n:
+                                split += 1
+                            elif sessions and self._divert(n):
+                                pass
+                            else:
+                                try:
+                                    write(tun_fd, view[off + 1 : off + n])
+                                    pkts += 1
+                                    out_bytes += n
+                                except OSError:
+                                    io_errors += 1
+                            received += 1
+                            in_bytes += n
+                            continue
                         # Several datagrams of seg bytes, taken as one run.
                         got, got_bytes, runs = self._write_run(n, src, seg)
                         received += runs
@@ -672,6 +717,9 @@ class Writer:
                 if first >> 4 == 4 or first >> 4 == 6:
                     packet = view[: off + n]
                 elif first == OFFLOAD_FRAME and off:
+                    if frame_bytes(rx) != n:
+                        split += 1  # a piece of a GSO frame the path cut up
+                        continue
                     packet = view[off + 1 : off + n]
                 else:
                     self._slow_path(n, src)
@@ -691,6 +739,8 @@ class Writer:
         _count_batch(c, received, in_bytes, pkts, out_bytes)
         if io_errors:
             c[st.DROPS_IO] += io_errors
+        if split:
+            c[st.DROPS_SPLIT] += split
         if pkts:
             # Liveness of the peer: only packets it sent that reached TUN count.
             c[st.LAST_IN_NS] = time.monotonic_ns()

@@ -41,6 +41,10 @@ CAP_OFFLOAD = 0x0001  # the sender accepts OFFLOAD frames
 CAP_RESET_PAIRS = 0x0002  # the VM side takes a "reset-pairs" command
 CAP_NETWORKS = 0x0004  # the VM side reports its bridge networks
 CAP_AUTH = 0x0008  # an authentication trailer follows (shared secret)
+# The sender takes offload frames sent as UDP_SEGMENT runs (the kernel cuts
+# one frame into MTU-sized datagrams, no IP fragmentation) and receives
+# them whole through UDP_GRO; withdrawn when its path splits them.
+CAP_GSO_FRAMES = 0x0010
 MAX_HELLO_NETWORKS = 200
 _HELLO = struct.Struct("!B4sBHHIBB")
 _NET = struct.Struct("!4sB")
@@ -319,3 +323,17 @@ def redact(token):
         return "*" * len(token)
     head = "".join(c if c.isascii() and c.isprintable() else "?" for c in token[:2])
     return head + "…" + f"({len(token)})"
+
+
+def offload_frame_bytes(buf, start=0):
+    """The length an OFFLOAD frame at ``buf[start]`` must have: frame byte,
+    virtio-net header and the packet's own IP length; 0 if unreadable."""
+    ip = start + 11
+    if len(buf) < ip + 6:
+        return 0
+    version = buf[ip] >> 4
+    if version == _IPV4:
+        return 11 + (buf[ip + 2] << 8 | buf[ip + 3])
+    if version == _IPV6:
+        return 11 + 40 + (buf[ip + 4] << 8 | buf[ip + 5])
+    return 0

@@ -7,6 +7,7 @@ Linux specific, so another host platform replaces this one module.
 import ctypes
 import errno
 import fcntl
+import socket
 import os
 import signal
 import stat
@@ -45,6 +46,19 @@ SO_SNDBUFFORCE = 32
 # and their coalesced receive (Linux 5.0).
 SOL_UDP = 17
 UDP_SEGMENT = 103
+IP_MTU = 14  # getsockopt on a connected socket: the path MTU
+UDP_IP_OVERHEAD = 28  # IPv4 header without options + UDP header
+
+
+def udp_payload_limit(addr):
+    """The largest UDP payload that reaches ``addr`` unfragmented (path MTU
+    minus headers), from a throw-away connected socket."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.connect(addr)
+        return sock.getsockopt(socket.IPPROTO_IP, IP_MTU) - UDP_IP_OVERHEAD
+    finally:
+        sock.close()
 UDP_GRO = 104
 
 PR_SET_PDEATHSIG = 1

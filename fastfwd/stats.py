@@ -33,6 +33,7 @@ FIELDS = (
     "drops_acl",  # host writer 0: accessor packets to an address not exposed,
     # from an address not its own, or needing a segmentation not supported
     "pongs",  # host writer 0: echo requests to the host answered (pong on)
+    "drops_split",  # writer: an offload frame that did not arrive whole
 )
 INDEX = {name: i for i, name in enumerate(FIELDS)}
 SLOT_FIELDS = 24
@@ -44,7 +45,7 @@ DROPS_NO_PEER, DROPS_IO, DROPS_MALFORMED, DROPS_UNKNOWN_SRC = 4, 5, 6, 7
 DROPS_CONTROL_FULL, FRAMES_TO_CONTROL, BACKPRESSURE = 8, 9, 10
 LAST_IN_NS, LAST_OUT_NS, CONTROL_BODIES, CONTROL_ABORTED, BATCHES = 11, 12, 13, 14, 15
 DROPS_THROTTLED = 16
-TO_ACCESSORS, FROM_ACCESSORS, DROPS_ACL, PONGS = 17, 18, 19, 20
+TO_ACCESSORS, FROM_ACCESSORS, DROPS_ACL, PONGS, DROPS_SPLIT = 17, 18, 19, 20, 21
 
 
 def slot_index(role, queue):

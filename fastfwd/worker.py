@@ -116,6 +116,7 @@ class Worker:
                     addrs[self.args.queue % len(addrs)] if addrs else None
                 )
                 self.set_framing(msg.get("framing", engine.COMPAT))
+                self.engine.set_frame_segments(int(msg.get("frame_seg", 0)))
             else:
                 self.engine.set_peer(addrs)
             log.debug("peer set addrs=%s framing=%s", addrs, msg.get("framing"))

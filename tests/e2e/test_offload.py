@@ -56,6 +56,15 @@ def test_framing_follows_what_both_sides_can_do_and_data_arrives_intact(
         if want == "offload":
             # Super-packets: far fewer datagrams than 1400-byte packets would need.
             assert reader["counters"]["pkts_out"] < TRANSFER_BYTES / 1400 / 3
+            # Both ways as GSO frames: runs of datagrams that fit the veth
+            # (MTU 1500), taken whole by the other side.
+            for side in ("host", "vm"):
+                st = t.status(side)
+                assert st["frame_segment_bytes"] == 1500 - 28
+                writer = next(p for p in st["processes"] if p["name"] == "writer0")
+                assert writer["counters"]["drops_split"] == 0
+        else:
+            assert t.status("host")["frame_segment_bytes"] == 0
     finally:
         t.stop()
 

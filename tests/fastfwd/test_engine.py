@@ -332,3 +332,67 @@ def test_a_flood_on_the_expose_port_leaves_the_tunnels_budget_alone(rig):
     assert ops.count(messages.EXPOSE_FRAME) == int(engine.STRANGER_BURST)
     assert ops[-1] == messages.FRAME  # the heartbeat still got through
     flooder.close()
+
+
+def _offload_frame(payload_bytes):
+    """An OFFLOAD frame: frame byte, a virtio-net header, an IPv4 packet."""
+    from fastfwd.packets import GSO_NONE, VNET_HDR_BYTES
+    import struct
+
+    hdr = struct.pack("<BBHHHH", 0, GSO_NONE, 0, 0, 0, 0)
+    assert len(hdr) == VNET_HDR_BYTES
+    return bytes([frames.OFFLOAD]) + hdr + ipv4_packet(b"g" * payload_bytes)
+
+
+def _gso_writer(rig):
+    from fastfwd.endpoints import tune_socket
+
+    tune_socket(rig.sock)  # UDP_GRO on
+    w = engine.Writer(
+        rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot,
+        rig.writer._channel, connected=False, vnet_hdr=True,
+    )  # fmt: skip
+    w.set_peer([rig.peer.getsockname()])
+    w.start()
+    return w
+
+
+def test_writer_takes_a_gso_frame_whole_and_drops_a_cut_up_one(rig):
+    import sys
+
+    w = _gso_writer(rig)
+    frame = _offload_frame(6000)
+    cmsg = [(socket.SOL_UDP, 103, (1400).to_bytes(2, sys.byteorder))]  # UDP_SEGMENT
+    rig.peer.sendmsg([frame], cmsg, 0, rig.sock.getsockname())
+    rig.spin()
+    assert rig.tun.written() == frame[1:]  # header and packet, as one write
+    # The first datagram of a frame alone (the path cut it up): not written.
+    rig.peer.sendto(frame[:1400], rig.sock.getsockname())
+    rig.spin()
+    w.stop()
+    assert rig.writer_slot[st.DROPS_SPLIT] == 1
+    assert rig.tun.nothing_written()
+
+
+def test_reader_sends_offload_frames_as_runs_of_path_sized_datagrams(rig):
+    reader = engine.Reader(
+        rig.loop, rig.tun.engine_fd, rig.sock, rig.reader_slot,
+        connected=False, vnet_hdr=True,
+    )  # fmt: skip
+    reader.set_peer(rig.peer.getsockname())
+    reader.set_framing(engine.OFFLOAD)
+    reader.set_frame_segments(1400)
+    reader.start()
+    frame = _offload_frame(6000)
+    rig.tun.inject(frame[1:])  # what TUN hands over: header and packet
+    rig.spin()
+    reader.stop()
+    got = b""
+    sizes = []
+    rig.peer.settimeout(0.5)
+    while len(got) < len(frame):
+        d = rig.peer.recv(65536)
+        sizes.append(len(d))
+        got += d
+    assert got == frame
+    assert sizes[:-1] == [1400] * (len(sizes) - 1) and len(sizes) == -(-len(frame) // 1400)
