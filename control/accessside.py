@@ -24,6 +24,7 @@ import os
 import time
 
 from control.config import Route
+from control.hostside import routable
 from control.process import Side
 from control.routes import Netlink, RouteTable
 from fastfwd import frames
@@ -162,6 +163,7 @@ class AccessSide(Side):
                 log.error("session refused addr=%s reason=%s", session.addr, reason)
                 self.session, self.wanted, self.address = session, [], None
                 await self.nl.run(self.routes.reconcile, [])
+                await self.nl.run(self.nl.flush_addresses, self.tun_name)
                 return
             await self.nl.run(
                 self.nl.replace_tun_address, self.tun_name, addr.ip,
@@ -172,6 +174,8 @@ class AccessSide(Side):
                 net = ipaddress.IPv4Network(text)
                 if any(net.overlaps(x) for x in self.exclude):
                     excluded.append(net)
+                elif not routable(net):
+                    log.error("route refused dst=%s reason=not a unicast network of /8 or longer", net)
                 else:
                     wanted.append(Route(net))
             added, removed = await self.nl.run(self.routes.reconcile, wanted)
@@ -216,10 +220,12 @@ class AccessSide(Side):
 
 
 def _unusable(addr):
-    """Why a host-given address cannot be this device's, or None."""
-    ip = addr.ip
-    if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local:
-        return "not a unicast address"
-    if addr.network.prefixlen < 8:
-        return "a network wider than /8"
+    """Why a host-given address cannot be this device's, or None: it must
+    be a unicast address of a routable network of /8 or longer, and not
+    that network's own or broadcast address."""
+    ip, net = addr.ip, addr.network
+    if not routable(net) or ip.is_reserved or ip.is_loopback or ip.is_link_local:
+        return "not a unicast address of a /8-or-longer network"
+    if net.prefixlen < 31 and ip in (net.network_address, net.broadcast_address):
+        return "the network's own or broadcast address"
     return None

@@ -281,7 +281,7 @@ class HostSide(Side):
             networks = (
                 set(hello.networks) if hello.caps & frames.CAP_NETWORKS else set()
             )
-            self.docker_networks = {n for n in networks if _routable(n)}
+            self.docker_networks = {n for n in networks if routable(n)}
             if self.cfg.docker_routes:
                 self.loop.create_task(self.reconcile_routes())
 
@@ -560,7 +560,7 @@ class HostSide(Side):
         return out
 
 
-def _routable(text):
+def routable(text):
     """Whether a network a VM side reports may be routed into the tunnel:
     unicast, not loopback, link-local, multicast or reserved, at least /8."""
     net = ipaddress.IPv4Network(text)

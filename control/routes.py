@@ -83,6 +83,15 @@ class Netlink:
             ) from exc
         return index
 
+    def flush_addresses(self, ifname):
+        """Remove every IPv4 address from the device."""
+        index = self.ifindex(ifname)
+        for msg in self.ipr.get_addr(family=socket.AF_INET, index=index):
+            self.ipr.addr(
+                "del", index=index, address=msg.get("address"),
+                prefixlen=msg["prefixlen"],
+            )  # fmt: skip
+
     def replace_tun_address(self, ifname, address, prefixlen, mtu):
         """Make ``address/prefixlen`` the device's only IPv4 address (an
         accessor's session may move it), with the MTU; brings it up."""

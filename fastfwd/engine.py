@@ -53,6 +53,11 @@ MIN_PACKET_BYTES = 20
 # this rate at most; the rest are dropped and counted.
 STRANGER_FRAMES_PER_S = 50.0
 STRANGER_BURST = 100.0
+# The expose port (logins): each source address gets a small budget, all of
+# them together a larger one.
+EXPOSE_SOURCE_PER_S, EXPOSE_SOURCE_BURST = 5.0, 10.0
+EXPOSE_SOURCES_TRACKED = 4096
+EXPOSE_PER_S, EXPOSE_BURST = 100.0, 200.0
 
 
 # Reader framings: how a packet read from TUN becomes a datagram.
@@ -384,7 +389,8 @@ class Writer:
         # Token buckets for strangers' frames: [tokens, time]; the expose
         # port has its own, so a flood there cannot starve the tunnel's.
         self._bucket = [STRANGER_BURST, 0.0]
-        self._xbucket = [STRANGER_BURST, 0.0]
+        self._xbucket = [EXPOSE_BURST, 0.0]
+        self._xsources = {}  # source IP -> bucket, expose port
         # Host side with accessors: the expose socket, and the sessions as
         # accessor IP (4 bytes) -> address, and address -> IP. ``_sessions``
         # stays empty while there is no socket to relay through.
@@ -637,7 +643,7 @@ class Writer:
         n = len(packet)
         if n == 0 or n > frames.UPSTREAM_BUFFER_BYTES:
             c[st.DROPS_MALFORMED] += 1
-        elif not self._take_token(self._xbucket):
+        elif not self._take_expose_token(src[0]):
             c[st.DROPS_THROTTLED] += 1
         else:
             self._to_control(
@@ -854,11 +860,24 @@ class Writer:
             return
         c[st.DROPS_MALFORMED] += 1
 
+    def _take_expose_token(self, ip):
+        """Budget for the expose port's strangers: per source address (so
+        one sender cannot shut out the others' logins), then overall."""
+        buckets = self._xsources
+        bucket = buckets.get(ip)
+        if bucket is None:
+            if len(buckets) >= EXPOSE_SOURCES_TRACKED:
+                buckets.clear()  # a spoofed flood: start over, stay bounded
+            bucket = buckets[ip] = [EXPOSE_SOURCE_BURST, time.monotonic()]
+        if not self._take_token(bucket, EXPOSE_SOURCE_PER_S, EXPOSE_SOURCE_BURST):
+            return False
+        return self._take_token(self._xbucket, EXPOSE_PER_S, EXPOSE_BURST)
+
     @staticmethod
-    def _take_token(bucket):
+    def _take_token(bucket, rate=STRANGER_FRAMES_PER_S, burst=STRANGER_BURST):
         """Token bucket for frames from strangers: STRANGER_FRAMES_PER_S."""
         now = time.monotonic()
-        tokens = min(STRANGER_BURST, bucket[0] + (now - bucket[1]) * STRANGER_FRAMES_PER_S)
+        tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens

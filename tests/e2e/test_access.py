@@ -238,7 +238,7 @@ def test_accessor_against_an_upstream_host(lab, tmp_path):
         assert data == b"\x01" + TOKEN.encode()
         host.sendto(
             b"\x01addr 192.168.251.7/24,peer 192.168.251.2,mtu 1300,"
-            b"route 10.99.0.0/16,route 10.98.0.0/16",
+            b"route 10.99.0.0/16,route 10.98.0.0/16,route 169.254.0.0/16,route 224.0.0.0/4",
             acc,
         )
         st = logged_in(t)
@@ -267,7 +267,8 @@ def test_accessor_against_an_upstream_host(lab, tmp_path):
         host.sendto(b"\x01addr 127.0.0.5/8,peer 127.0.0.2,mtu 1400,route 10.97.0.0/16", acc)
         assert wait_for(lambda: t.status("access")["address"] is None, 5.0)
         assert t.status("access")["routes"] == []
-        assert "127.0.0.5" not in lab.run(lab.remote_ns, "ip", "addr").stdout
+        addrs = lab.run(lab.remote_ns, "ip", "addr").stdout
+        assert "127.0.0.5" not in addrs and "192.168.251.7" not in addrs
     finally:
         host.close()
         t.stop()

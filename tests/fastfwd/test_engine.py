@@ -329,9 +329,34 @@ def test_a_flood_on_the_expose_port_leaves_the_tunnels_budget_alone(rig):
             ops.append(messages.unpack(rig.control.recv(65536))["op"])
     except TimeoutError:
         pass
-    assert ops.count(messages.EXPOSE_FRAME) == int(engine.STRANGER_BURST)
+    assert ops.count(messages.EXPOSE_FRAME) == int(engine.EXPOSE_SOURCE_BURST)
     assert ops[-1] == messages.FRAME  # the heartbeat still got through
     flooder.close()
+
+
+def test_one_flooding_source_leaves_other_accessors_logins_alone(rig):
+    expose, flooder = udp_pair()
+    other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    other.bind(("127.0.0.2", 0))
+    rig.writer.set_expose(expose, True)
+    rig.writer.start()
+    for _ in range(500):
+        flooder.sendto(b"\x00flood", expose.getsockname())
+    rig.spin()
+    other.sendto(b"\x01token", expose.getsockname())
+    rig.spin()
+    rig.control.settimeout(0.2)
+    srcs = []
+    try:
+        while True:
+            msg = messages.unpack(rig.control.recv(65536))
+            srcs.append(msg["src"][0])
+    except TimeoutError:
+        pass
+    assert srcs.count("127.0.0.1") == int(engine.EXPOSE_SOURCE_BURST)
+    assert srcs[-1] == "127.0.0.2"  # the login still reached control
+    flooder.close()
+    other.close()
 
 
 def _offload_frame(payload_bytes):
