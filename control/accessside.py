@@ -26,7 +26,7 @@ import time
 from control.config import Route
 from control.hostside import routable
 from control.process import Side
-from control.routes import Netlink, RouteTable
+from control.routes import Netlink, RouteTable, remove_owned_routes
 from fastfwd import frames
 
 log = logging.getLogger(__name__)
@@ -87,14 +87,7 @@ class AccessSide(Side):
             self.nl.close()
 
     async def cleanup(self):
-        nl = Netlink()
-        try:
-            table = await nl.run(RouteTable, nl, self.tun_name)
-            await nl.run(table.remove_all)
-        except Exception as exc:  # the device may be gone already
-            log.debug("cleanup skipped routes reason=%s", exc)
-        finally:
-            nl.close()
+        await remove_owned_routes(self.tun_name)
 
     def on_worker_started(self, role, queue):
         self.set_workers_peer([self.remote], "compat")

@@ -19,7 +19,7 @@ from control.hostsfile import HostsNames
 from control.peer import HELLO_LEASE_S, PeerTracker
 from control.process import Side, framing_for
 from control.proxy import ProxySet
-from control.routes import Netlink, RouteTable
+from control.routes import Netlink, RouteTable, remove_owned_routes
 from fastfwd import frames, logsetup
 from fastfwd.errors import ConfigError
 
@@ -149,14 +149,7 @@ class HostSide(Side):
             self.nl.close()
 
     async def cleanup(self):
-        nl = Netlink()
-        try:
-            table = await nl.run(RouteTable, nl, self.tun_name)
-            await nl.run(table.remove_all)
-        except Exception as exc:  # the device may be gone already
-            log.debug("cleanup skipped routes reason=%s", exc)
-        finally:
-            nl.close()
+        await remove_owned_routes(self.tun_name)
 
     # peer
 

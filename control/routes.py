@@ -220,6 +220,19 @@ class RouteTable:
             self._delete(net)
 
 
+async def remove_owned_routes(ifname):
+    """Clean-up after a control process that died: remove fastfwd's routes
+    on ``ifname``, if the device is still there."""
+    nl = Netlink()
+    try:
+        table = await nl.run(RouteTable, nl, ifname)
+        await nl.run(table.remove_all)
+    except Exception as exc:  # the device may be gone already
+        log.debug("cleanup skipped routes reason=%s", exc)
+    finally:
+        nl.close()
+
+
 def _reason(exc):
     code = getattr(exc, "code", None)
     return os.strerror(code) if isinstance(code, int) and code > 0 else str(exc)
