@@ -106,8 +106,9 @@ class AccessSide(Side):
         self.next_login = now + delay
         if self.attempts == 4:
             log.warning(
-                "login not answered attempts=%d remote=%s:%d: wrong token, or no "
-                "expose port there; retrying every %.0fs at most",
+                "login not answered attempts=%d remote=%s:%d: the host does not "
+                "know this token, or has no expose port there; retrying every "
+                "%.0fs at most",
                 self.attempts, self.remote[0], self.remote[1], LOGIN_BACKOFF_S[-1],
             )  # fmt: skip
 
@@ -129,6 +130,8 @@ class AccessSide(Side):
                 log.warning("login answer not understood bytes=%d", len(data))
                 return
             self.attempts = 0
+            if not self.logged_in and session == self.session:
+                log.info("logged in again addr=%s", session.addr)
             self.logged_in = True
             self.logins += 1
             self.pending = session
@@ -207,7 +210,7 @@ class AccessSide(Side):
             excluded=sorted(str(n) for n in self.excluded),
             refused_routes={str(k): v for k, v in self.routes.refused.items()},
             logins=self.logins,
-            relogins=self.relogins,
+            relogin_requests=self.relogins,
         )
         return out
 

@@ -464,7 +464,7 @@ def format_status(status):
         "mtu",
         "excluded",
         "logins",
-        "relogins",
+        "relogin_requests",
     ):
         if key in status:
             lines.append(f"{key:15} {_plain(status[key])}")
@@ -478,6 +478,11 @@ def format_status(status):
             f"{'expose':15} {where} sessions {len(expose.get('sessions', []))} "
             f"logins {expose.get('logins', 0)} refused {expose.get('refused_logins', 0)}"
         )
+        totals = {
+            k: sum(p.get("counters", {}).get(k, 0) for p in status["processes"])
+            for k in ("to_accessors", "from_accessors", "drops_acl", "pongs")
+        }
+        lines.append(f"{'accessor pkts':15} {_plain(totals)}")
         for s in expose.get("sessions", []):
             lines.append(f"{'accessor':15} {s['ip']} from {s['from']} token {s['token']}")
     for line, proxy in (status.get("proxies") or {}).items():

@@ -333,6 +333,7 @@ def parse_text(text, path="<config>", base=None):
         if directive.lower() == "token":
             token_lines[args[0]] = number
     problems += _cross_check(cfg, path, token_lines)
+    problems.sort(key=lambda p: p[1])  # in file order, whatever found them
     if problems:
         raise ConfigError(f"{path}: {len(problems)} invalid line(s)", problems)
     return cfg

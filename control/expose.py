@@ -45,6 +45,7 @@ class ExposeServer:
         self.refused = 0
         self._refused_logged = 0.0
         self._exposed = ()
+        self._warned_no_expose = False
 
     @property
     def cfg(self):
@@ -63,6 +64,9 @@ class ExposeServer:
         """
         cfg = self.cfg
         want = (cfg.expose.host, cfg.expose.port) if cfg.expose else None
+        if cfg.tokens and want is None and not self._warned_no_expose:
+            self._warned_no_expose = True
+            log.warning("token lines without an expose line: no accessor can log in")
         rebind = want != self.bound or (
             reload and cfg.expose is not None and cfg.expose.restart
         )
