@@ -46,8 +46,12 @@ SO_SNDBUFFORCE = 32
 # and their coalesced receive (Linux 5.0).
 SOL_UDP = 17
 UDP_SEGMENT = 103
+UDP_GRO = 104
 IP_MTU = 14  # getsockopt on a connected socket: the path MTU
 UDP_IP_OVERHEAD = 28  # IPv4 header without options + UDP header
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 def udp_payload_limit(addr):
@@ -59,10 +63,6 @@ def udp_payload_limit(addr):
         return sock.getsockopt(socket.IPPROTO_IP, IP_MTU) - UDP_IP_OVERHEAD
     finally:
         sock.close()
-UDP_GRO = 104
-
-PR_SET_PDEATHSIG = 1
-PR_SET_NAME = 15
 
 
 def ensure_tun_node():
