@@ -511,7 +511,11 @@ class HostSide(Side):
             ),
         )
         warnings = [f"{name} takes effect at the next restart" for name in restart]
-        given = cfgmod.parse_text(text, "<config>").routes
+        # The routes these lines name (checked against the running
+        # tunnel network, as the whole was).
+        given = cfgmod.parse_text(
+            text, "<config>", base=cfgmod.Config(addr=self.cfg.addr, port=self.cfg.port)
+        ).routes
         for net, reason in self.routes.refused.items():
             if net in given:
                 warnings.append(f"route {net} refused: {reason}")

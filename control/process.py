@@ -59,7 +59,7 @@ class Side:
         self.frame_seg = 0
         # Offload frames reach this side whole as UDP_SEGMENT runs until a
         # writer counts one that did not (the path cuts them up).
-        self.gso_frames_ok = True
+        self.gso_frames_ok = _udp_gro_on(self.socks)
         self._splits_seen = 0
         self.started_at = time.time()
         self.local = None
@@ -289,6 +289,14 @@ def _usage(pid):
         }
     except psutil.Error:
         return {}
+
+
+def _udp_gro_on(socks):
+    """Whether the sockets hand over UDP_GRO runs whole (Linux >= 5.0)."""
+    try:
+        return all(s.getsockopt(linux.SOL_UDP, linux.UDP_GRO) for s in socks)
+    except OSError:
+        return False
 
 
 def _sock(fd, kind):

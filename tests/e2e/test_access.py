@@ -326,3 +326,21 @@ def test_accessor_started_before_the_expose_port_logs_in_when_it_opens(lab, tmp_
         assert wait_for(lambda: not t.status("access")["logged_in"], 10.0), t.logs()
     finally:
         t.stop()
+
+
+def test_config_lines_with_tokens_on_a_tunnel_network_of_its_own(lab, tmp_path):
+    """Token lines given with `fastfwd config` are checked against the
+    running tunnel network, not the default one."""
+    t = Tunnel(
+        lab, tmp_path / "tunnel", lines=["addr 10.77.0.1/24"],
+        vm_args=["-addr", "10.77.0.1/24"],
+    )  # fmt: skip
+    t.start()
+    try:
+        reply = t.config_lines("token bob-token-1 10.77.0.9")
+        assert reply["ok"], reply
+        reply = t.config_lines("token eve-token-1 192.168.251.9")
+        assert not reply["ok"] and reply["code"] == "invalid_config", reply
+        assert "outside the tunnel network 10.77.0.0/24" in reply["problems"][0]
+    finally:
+        t.stop()
