@@ -19,12 +19,13 @@ tokens appear in logs redacted.
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import socket
 import time
 
 from control import messages
-from fastfwd import endpoints, frames
+from fastfwd import endpoints, frames, linux
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class ExposeServer:
         self.sock = None
         self.bound = None  # (host, port) of the open socket
         self.error = None  # why the wanted port is not open
-        self.sessions = {}  # token -> (IPv4Address, (host, port))
+        # token -> (IPv4Address, (host, port), the local address it dialled)
+        self.sessions = {}
         self.logins = 0
         self.refused = 0
         self._refused_logged = 0.0
@@ -76,15 +78,15 @@ class ExposeServer:
         elif want is not None and (rebind or self.sock is None):
             self.close()
             await self._bind(want)
-        for token, (ip, addr) in list(self.sessions.items()):
+        for token, (ip, _, _) in list(self.sessions.items()):
             if self.token_ip(token) != ip:
                 self._end(token, "token removed or given another IP")
         exposed = tuple(
             str(r.network) for r in cfg.routes.values() if r.expose
         )
         if exposed != self._exposed and self._exposed is not None:
-            for token, (ip, addr) in self.sessions.items():
-                self._send(frames.NOT_LOGGED_IN_FRAME, addr)
+            for _, addr, local in self.sessions.values():
+                self._send(frames.NOT_LOGGED_IN_FRAME, addr, local)
         self._exposed = exposed
         self.publish()
 
@@ -103,8 +105,11 @@ class ExposeServer:
                 self.error = f"cannot listen on UDP {addr[0]}:{addr[1]}: {exc.strerror}"
                 log.error("expose failed reason=%s", self.error)
                 return
-        # Big buffers, and UDP_GRO: an accessor's runs arrive whole.
+        # Big buffers, and UDP_GRO: an accessor's runs arrive whole. With
+        # IP_PKTINFO the writers learn the address each datagram was sent
+        # to, and answer from it (a host with several addresses).
         endpoints.tune_socket(sock)
+        sock.setsockopt(linux.IPPROTO_IP, linux.IP_PKTINFO, 1)
         sock.setblocking(False)
         self.sock, self.bound, self.error = sock, addr, None
         log.info("expose listening addr=%s:%d", addr[0], addr[1])
@@ -114,8 +119,8 @@ class ExposeServer:
         """Close the port; every session ends with it, and each accessor is
         told so."""
         if self.sessions:
-            for ip, addr in self.sessions.values():
-                self._send(frames.NOT_LOGGED_IN_FRAME, addr)
+            for _, addr, local in self.sessions.values():
+                self._send(frames.NOT_LOGGED_IN_FRAME, addr, local)
             log.info("accessor sessions ended count=%d", len(self.sessions))
         self.sessions = {}
         if self.sock is not None:
@@ -148,7 +153,7 @@ class ExposeServer:
         cfg = self.cfg
         packed = messages.pack(
             messages.SET_SESSIONS,
-            sessions=[[str(ip), a[0], a[1]] for ip, a in self.sessions.values()],
+            sessions=[[str(ip), a[0], a[1], local] for ip, a, local in self.sessions.values()],
             exposed=list(self._exposed or ()),
             host_ip=str(cfg.host_ip),
             pong=cfg.pong,
@@ -166,15 +171,15 @@ class ExposeServer:
 
     # logins
 
-    def on_frame(self, src, data):
+    def on_frame(self, src, data, local=""):
         if src is None or not data or self.sock is None:
             return
         if data[0] == frames.LOGIN and len(data) > 1:
-            self._login(src, bytes(data[1:]))
+            self._login(src, bytes(data[1:]), local)
         else:
             # Not logged in (a first hello, a session the host forgot, or a
             # token that was removed): the accessor logs in again.
-            self._send(frames.NOT_LOGGED_IN_FRAME, src)
+            self._send(frames.NOT_LOGGED_IN_FRAME, src, local)
 
     def token_ip(self, token):
         """The IP of a token line, if it fits the running tunnel network (a
@@ -187,7 +192,7 @@ class ExposeServer:
             return None
         return ip
 
-    def _login(self, src, raw):
+    def _login(self, src, raw, local=""):
         token = raw.decode("utf-8", "replace")
         ip = self.token_ip(token)
         if ip is None and token in self.cfg.tokens:
@@ -207,12 +212,12 @@ class ExposeServer:
                     src[0], src[1], frames.redact(token), self.refused,
                 )  # fmt: skip
             return
-        for other, (_, addr) in list(self.sessions.items()):
+        for other, (_, addr, _) in list(self.sessions.items()):
             if addr == src and other != token:
                 # One address, one session: its packets carry one IP.
                 self.sessions.pop(other)
         old = self.sessions.get(token)
-        self.sessions[token] = (ip, src)
+        self.sessions[token] = (ip, src, local)
         self.logins += 1
         cfg = self.cfg
         session = frames.Session(
@@ -222,7 +227,7 @@ class ExposeServer:
         # The writers learn the session before the accessor does: its first
         # packet follows the answer at once.
         self.publish()
-        self._send(frames.encode_session(session), src)
+        self._send(frames.encode_session(session), src, local)
         if old is None or old[1] != src:
             log.info(
                 "accessor logged in token=%s ip=%s src=%s:%d routes=%d",
@@ -230,20 +235,25 @@ class ExposeServer:
             )  # fmt: skip
 
     def _end(self, token, reason):
-        ip, addr = self.sessions.pop(token)
+        ip, addr, local = self.sessions.pop(token)
         # Its next login gets no answer; say so now rather than at its next
         # packet.
-        self._send(frames.NOT_LOGGED_IN_FRAME, addr)
+        self._send(frames.NOT_LOGGED_IN_FRAME, addr, local)
         log.info(
             "accessor session ended token=%s ip=%s reason=%s",
             frames.redact(token), ip, reason,
         )  # fmt: skip
 
-    def _send(self, data, addr):
+    def _send(self, data, addr, local=""):
+        """Send to ``addr`` from ``local``, the address it dialled (if known)."""
         if self.sock is None:
             return
+        cmsg = []
+        if local:
+            packed = ipaddress.IPv4Address(local).packed
+            cmsg = [(linux.IPPROTO_IP, linux.IP_PKTINFO, linux.pktinfo(packed))]
         try:
-            self.sock.sendto(data, addr)
+            self.sock.sendmsg([data], cmsg, 0, addr)
         except OSError as exc:
             log.debug("expose send failed errno=%s", exc.errno)
 
@@ -253,7 +263,7 @@ class ExposeServer:
             "error": self.error,
             "sessions": [
                 {"token": frames.redact(t), "ip": str(ip), "from": f"{a[0]}:{a[1]}"}
-                for t, (ip, a) in sorted(self.sessions.items())
+                for t, (ip, a, _) in sorted(self.sessions.items())
             ],
             "logins": self.logins,
             "refused_logins": self.refused,

@@ -300,8 +300,8 @@ class HostSide(Side):
         if role == "writer":
             self.expose.on_writer_started(queue)
 
-    def on_expose_frame(self, src, data):
-        self.expose.on_frame(src, data)
+    def on_expose_frame(self, src, data, local=""):
+        self.expose.on_frame(src, data, local)
 
     async def on_tick(self, now):
         # Offload frames cut up on the way: the next hello answer says so.

@@ -18,7 +18,7 @@ STOP = "stop"
 # writers, host side: the expose socket travels as SCM_RIGHTS with this
 # message (none when it closes); read: this writer serves it (queue 0).
 SET_EXPOSE = "set_expose"  # read: bool
-# sessions: [[accessor_ip, host, port], ...], exposed: ["a.b.c.d/n", ...],
+# sessions: [[accessor_ip, host, port, local_ip], ...], exposed: ["a.b.c.d/n", ...],
 # host_ip: str, pong: bool
 SET_SESSIONS = "set_sessions"
 
@@ -26,7 +26,9 @@ SET_SESSIONS = "set_sessions"
 FRAME = "frame"  # src: [host, port] or None, data: bytes (a non-IP datagram)
 CONTROL_BODY = "control_body"  # body: bytes (VM side: a whole control body)
 UNKNOWN_SOURCE = "unknown_source"  # src: [host, port] sent IP packets (throttled)
-EXPOSE_FRAME = "expose_frame"  # src: [host, port], data: bytes (expose port, no session)
+# src: [host, port], data: bytes, local: the address it was sent to ("" if
+# unknown); a datagram on the expose port that is not a session's packet
+EXPOSE_FRAME = "expose_frame"
 
 # supervisor <-> control
 CHILD_STARTED = (

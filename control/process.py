@@ -99,7 +99,9 @@ class Side:
         elif op == messages.CONTROL_BODY:
             self.on_control_body(msg["body"])
         elif op == messages.EXPOSE_FRAME:
-            self.on_expose_frame(messages.peer_from_wire(msg.get("src")), msg["data"])
+            self.on_expose_frame(
+                messages.peer_from_wire(msg.get("src")), msg["data"], msg.get("local", "")
+            )
         elif op == messages.UNKNOWN_SOURCE:
             self.on_unknown_source(messages.peer_from_wire(msg.get("src")))
         elif op == messages.CHILD_STARTED:
@@ -238,7 +240,7 @@ class Side:
     def on_unknown_source(self, src):
         pass
 
-    def on_expose_frame(self, src, data):
+    def on_expose_frame(self, src, data, local=""):
         pass
 
     def on_worker_started(self, role, queue):

@@ -338,6 +338,21 @@ class Reader:
 
 
 _NOT_CONNECTED = {89, 107}  # EDESTADDRREQ, ENOTCONN: no peer yet
+IPPROTO_IP, IP_PKTINFO = linux.IPPROTO_IP, linux.IP_PKTINFO
+_NO_CMSG = []
+
+
+def _pktinfo(local):
+    """The control message that makes a reply leave from ``local`` (4 bytes)."""
+    return [(IPPROTO_IP, IP_PKTINFO, linux.pktinfo(local))]
+
+
+def _from_local(text):
+    return _pktinfo(ipaddress.IPv4Address(text).packed) if text else _NO_CMSG
+
+
+def _local_text(cmsg):
+    return str(ipaddress.IPv4Address(linux.pktinfo_address(cmsg[0][2]))) if cmsg else ""
 _NO_UDP_GSO = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 
 
@@ -444,14 +459,16 @@ class Writer:
         self._sessions = self._all_sessions if sock is not None else {}
 
     def set_sessions(self, sessions, exposed, host_ip, pong):
-        """``sessions``: ``(accessor_ip, (host, port))`` pairs; ``exposed``:
-        the networks accessors may reach; ``pong``: answer their pings to
-        ``host_ip`` here."""
+        """``sessions``: ``(accessor_ip, (host, port), local_ip)`` triples
+        (``local_ip``: the address the accessor dialled, "" if unknown);
+        ``exposed``: the networks accessors may reach; ``pong``: answer their
+        pings to ``host_ip`` here."""
         self._all_sessions = {
-            ipaddress.IPv4Address(ip).packed: tuple(addr) for ip, addr in sessions
+            ipaddress.IPv4Address(ip).packed: (tuple(addr), _from_local(local))
+            for ip, addr, local in sessions
         }
         self._session_ip = {
-            tuple(addr): ipaddress.IPv4Address(ip).packed for ip, addr in sessions
+            tuple(addr): ipaddress.IPv4Address(ip).packed for ip, addr, _ in sessions
         }
         self._exposed = tuple(
             (int(n.network_address), int(n.netmask))
@@ -489,21 +506,23 @@ class Writer:
         self._to_accessor_run(out[0], out[1], addr)
         return True
 
-    def _to_accessor(self, packet, addr):
+    def _to_accessor(self, packet, target):
+        addr, cmsg = target
         try:
-            self._expose.sendto(packet, addr)
+            self._expose.sendmsg([packet], cmsg, 0, addr)
         except OSError:
             self._c[st.DROPS_IO] += 1
             return
         self._c[st.TO_ACCESSORS] += 1
 
-    def _to_accessor_run(self, data, size, addr):
+    def _to_accessor_run(self, data, size, target):
         """Send packets of ``size`` bytes lying back to back in ``data`` (the
         last may be shorter), as UDP_SEGMENT runs while the kernel takes
         them: on the wire they are one packet per datagram all the same."""
         if len(data) <= size:
-            self._to_accessor(data, addr)
+            self._to_accessor(data, target)
             return
+        addr, local = target
         view = memoryview(data)
         step = size * min(MAX_SEGMENTS, BATCH_BUFFER_BYTES // size)
         for start in range(0, len(data), step):
@@ -512,7 +531,7 @@ class Writer:
             if self._accessor_gso and count > 1:
                 cmsg = [(SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]
                 try:
-                    self._expose.sendmsg([run], cmsg, 0, addr)
+                    self._expose.sendmsg([run], cmsg + local, 0, addr)
                     self._c[st.TO_ACCESSORS] += count
                     continue
                 except OSError as exc:
@@ -523,7 +542,7 @@ class Writer:
                     # kernel, no checksum offload): one send per packet.
                     self._accessor_gso = False
             for i in range(0, len(run), size):
-                self._to_accessor(run[i : i + size], addr)
+                self._to_accessor(run[i : i + size], target)
 
     def _on_expose_readable(self):
         """Datagrams on the expose port: IP packets from logged-in accessors
@@ -546,7 +565,12 @@ class Writer:
             except OSError:
                 c[st.DROPS_IO] += 1
                 continue
-            seg = int.from_bytes(anc[0][2][:2], sys.byteorder) if anc else n
+            seg, local = n, _NO_CMSG
+            for level, kind, data in anc:
+                if kind == UDP_GRO and level == SOL_UDP:
+                    seg = int.from_bytes(data[:2], sys.byteorder)
+                elif kind == IP_PKTINFO and level == IPPROTO_IP:
+                    local = _pktinfo(data[8:12])  # the address it was sent to
             ip = session_ip.get(src)
             if ip is None and n >= MIN_PACKET_BYTES and view[0] >> 4 == 4:
                 # The message with a just-made session may still wait in
@@ -556,7 +580,7 @@ class Writer:
                 session_ip, out_peer = self._session_ip, self._out_peer
                 ip = session_ip.get(src)
             if ip is None or seg >= n:
-                relayed += self._from_accessor(view[:n], src, ip, out_peer)
+                relayed += self._from_accessor(view[:n], src, ip, out_peer, local)
                 continue
             checked = [self._check_accessor_packet(view[i : i + seg], ip) for i in range(0, n, seg)]
             if out_peer is not None and not any(checked) and self._relay_gso:
@@ -569,7 +593,9 @@ class Writer:
                     if exc.errno in _NO_UDP_GSO:
                         self._relay_gso = False
             for i in range(0, n, seg):
-                relayed += self._from_accessor(view[i : min(i + seg, n)], src, ip, out_peer)
+                relayed += self._from_accessor(
+                    view[i : min(i + seg, n)], src, ip, out_peer, local
+                )
         if relayed:
             c[st.FROM_ACCESSORS] += relayed
 
@@ -591,15 +617,17 @@ class Writer:
                 return 0
         return 1
 
-    def _from_accessor(self, packet, src, ip, out_peer):
-        """One datagram from the expose port; returns 1 if relayed."""
+    def _from_accessor(self, packet, src, ip, out_peer, local=()):
+        """One datagram from the expose port; returns 1 if relayed.
+        ``local``: the IP_PKTINFO control message that answers from the
+        address the datagram was sent to."""
         c = self._c
         n = len(packet)
         if ip is not None and n and packet[0] >> 4 == 6:
             c[st.DROPS_ACL] += 1  # accessors have IPv4 addresses only
             return 0
         if ip is None or n < MIN_PACKET_BYTES or packet[0] >> 4 != 4:
-            self._expose_frame(packet, src)
+            self._expose_frame(packet, src, local)
             return 0
         if (packet[2] << 8 | packet[3]) != n:
             c[st.DROPS_MALFORMED] += 1  # not one whole IP packet
@@ -614,7 +642,7 @@ class Writer:
                 c[st.DROPS_ACL] += 1
                 return 0
             try:
-                self._expose.sendto(reply, src)
+                self._expose.sendmsg([reply], local, 0, src)
                 c[st.PONGS] += 1
             except OSError:
                 c[st.DROPS_IO] += 1
@@ -636,7 +664,7 @@ class Writer:
             return 0
         return 1
 
-    def _expose_frame(self, packet, src):
+    def _expose_frame(self, packet, src, local=()):
         """Logins, and datagrams from addresses without a session: to the
         control process, throttled like other strangers' frames."""
         c = self._c
@@ -651,6 +679,7 @@ class Writer:
                     messages.EXPOSE_FRAME,
                     src=messages.peer_to_wire(src),
                     data=bytes(packet),
+                    local=_local_text(local),
                 )
             )
 

@@ -7,9 +7,9 @@ Linux specific, so another host platform replaces this one module.
 import ctypes
 import errno
 import fcntl
-import socket
 import os
 import signal
+import socket
 import stat
 import struct
 
@@ -49,9 +49,21 @@ UDP_SEGMENT = 103
 UDP_GRO = 104
 IP_MTU = 14  # getsockopt on a connected socket: the path MTU
 UDP_IP_OVERHEAD = 28  # IPv4 header without options + UDP header
+IPPROTO_IP, IP_PKTINFO = 0, 8
+_PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+
+
+def pktinfo(local):
+    """An ``in_pktinfo`` that sends from the IPv4 address ``local`` (4 bytes)."""
+    return _PKTINFO.pack(0, bytes(local), b"\0\0\0\0")
+
+
+def pktinfo_address(data):
+    """The source address an ``in_pktinfo`` made by :func:`pktinfo` sets."""
+    return _PKTINFO.unpack(bytes(data))[1]
 
 
 def udp_payload_limit(addr):

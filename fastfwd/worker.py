@@ -103,7 +103,10 @@ class Worker:
             os.close(fd)
         if op == messages.SET_SESSIONS and self.args.role == "writer":
             self.engine.set_sessions(
-                [(s[0], (s[1], int(s[2]))) for s in msg.get("sessions", ())],
+                [
+                    (s[0], (s[1], int(s[2])), s[3] if len(s) > 3 else "")
+                    for s in msg.get("sessions", ())
+                ],
                 msg.get("exposed", ()),
                 msg.get("host_ip", ""),
                 msg.get("pong", False),

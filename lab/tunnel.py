@@ -103,11 +103,12 @@ class Tunnel:
         self.vm_proc = self._fastfwd(self.lab.vm_ns, argv, self.vm_log)
         return self.vm_proc
 
-    def start_accessor(self, token, port, *args):
+    def start_accessor(self, token, port, *args, host=None):
         """``fastfwd access`` in the lab's remote namespace, logging in to
-        the host's expose port ``port`` on the host's remote-facing address."""
+        the host's expose port ``port`` on ``host`` (default: the host's
+        remote-facing address)."""
         argv = [
-            "access", "-remote", f"{self.lab.host_remote_ip}:{port}",
+            "access", "-remote", f"{host or self.lab.host_remote_ip}:{port}",
             "--socket", self.access_socket, *args,
         ]  # fmt: skip
         env = dict(os.environ, FASTFWD_TOKEN=token)

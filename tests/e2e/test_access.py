@@ -344,3 +344,31 @@ def test_config_lines_with_tokens_on_a_tunnel_network_of_its_own(lab, tmp_path):
         assert "outside the tunnel network 10.77.0.0/24" in reply["problems"][0]
     finally:
         t.stop()
+
+
+def test_accessor_dialling_a_second_address_of_the_host(lab, tmp_path):
+    """With ``expose 0.0.0.0:PORT`` every answer leaves from the address the
+    accessor dialled, not the host's primary one."""
+    second = "198.18.0.9"
+    lab.run(lab.host_ns, "ip", "addr", "add", f"{second}/32", "dev", lab.host_remote_if)
+    lab.run(lab.remote_ns, "ip", "route", "add", second, "dev", lab.remote_if)
+    t = Tunnel(
+        lab, tmp_path / "tunnel", routes=[], vm_args=["--offload", "on"],
+        lines=["route 172.18.0.0/16 expose", f"expose 0.0.0.0:{EXPOSE_PORT}",
+               f"token {TOKEN} {ACCESSOR_IP}", "pong on"],
+    )  # fmt: skip
+    t.start()
+    try:
+        t.start_accessor(TOKEN, EXPOSE_PORT, host=second)
+        assert logged_in(t), t.logs()
+        assert answers(lab, lab.containers[0].ip, lab.remote_ns), t.logs()
+        assert answers(lab, HOST_TUN_IP, lab.remote_ns), t.logs()
+        client, server = transfer(
+            lab, lab.containers[0].ns, lab.remote_ns, lab.containers[0].ip, "recv",
+            nbytes=5 * 1024 * 1024,
+        )  # fmt: skip
+        assert client["ok"] and server["ok"], (client, server)
+        acc = next(p for p in t.status("access")["processes"] if p["name"] == "writer0")
+        assert acc["counters"]["drops_unknown_src"] == 0
+    finally:
+        t.stop()
