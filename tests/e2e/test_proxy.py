@@ -158,7 +158,9 @@ def test_proxy_with_address_and_listen_port_and_lines_added_by_command(lab, tmp_
         reply = t.config_lines(f"proxy 127.0.0.2:{port}:{added}", f"proxy {port}")
         assert reply["ok"], reply
         assert fetch(lab, c1, added) == "served on 127.0.0.2\n"
-        assert connect(lab, c1, port) == "open"
+        # A listener answers (the handshake completes); the reset for the
+        # refused target may already have arrived when connect() returns.
+        assert connect(lab, c1, port) in ("open", "ConnectionResetError")
         res = lab.run(
             c1.ns,
             sys.executable,
