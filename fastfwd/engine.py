@@ -711,7 +711,9 @@ class Writer:
                         if rx[0] == OFFLOAD_FRAME and off:
                             # A GSO frame: one offload frame cut into
                             # datagrams by the sender's kernel, whole again.
-                            if src not in peers or collecting:
+                            # (A control body being collected meanwhile
+                            # is no reason to hold a whole frame back.)
+                            if src not in peers:
                                 self._slow_path(min(n, seg), src)
                             elif frame_bytes(rx) != n:
                                 split += 1
@@ -867,6 +869,8 @@ class Writer:
         if frames.is_ip(first) or first == OFFLOAD_FRAME:
             if first == OFFLOAD_FRAME and not self._off:
                 c[st.DROPS_MALFORMED] += 1
+            elif first == OFFLOAD_FRAME and frames.offload_frame_bytes(rx) != n:
+                c[st.DROPS_SPLIT] += 1  # a piece of a frame, not a frame
             elif self._sessions and self._divert(n):
                 return
             else:

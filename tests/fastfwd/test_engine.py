@@ -421,3 +421,20 @@ def test_reader_sends_offload_frames_as_runs_of_path_sized_datagrams(rig):
         got += d
     assert got == frame
     assert sizes[:-1] == [1400] * (len(sizes) - 1) and len(sizes) == -(-len(frame) // 1400)
+
+
+def test_a_cut_up_frame_during_a_control_body_is_never_written(rig):
+    """The slow path (a control body being collected) checks frames too."""
+    w = engine.Writer(
+        rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot,
+        rig.writer._channel, connected=True, vnet_hdr=True,
+    )  # fmt: skip
+    w.set_peer([rig.peer.getsockname()])
+    w.start()
+    frame = _offload_frame(6000)
+    rig.peer.sendto(frames.control_header(100), rig.sock.getsockname())
+    rig.peer.sendto(frame[:1400], rig.sock.getsockname())
+    rig.spin()
+    w.stop()
+    assert rig.writer_slot[st.DROPS_SPLIT] == 1
+    assert rig.tun.nothing_written()
