@@ -231,16 +231,7 @@ class HostSide(Side):
                 "hello ignored src=%s version=%d mtu=%d", src, hello.version, hello.mtu
             )
             return
-        our_caps = 0
-        if self.vnet_hdr and self.cfg.offload:
-            our_caps = frames.CAP_OFFLOAD
-            if self.gso_frames_ok:
-                our_caps |= frames.CAP_GSO_FRAMES
-        try:
-            reply = frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)
-            self.socks[0].sendto(frames.encode_hello(reply, self.secret), src)
-        except OSError as exc:
-            log.debug("hello reply failed errno=%s", exc.errno)
+        self.send_hello(src)
         if hello.mtu != self.cfg.mtu and self.mtu_warned != (src, hello.mtu):
             self.mtu_warned = (src, hello.mtu)
             log.warning(
@@ -278,6 +269,20 @@ class HostSide(Side):
             if self.cfg.docker_routes:
                 self.loop.create_task(self.reconcile_routes())
 
+    def send_hello(self, dst):
+        """The host's hello: an answer to the VM side's, or news (it stopped
+        taking GSO frames)."""
+        our_caps = 0
+        if self.vnet_hdr and self.cfg.offload:
+            our_caps = frames.CAP_OFFLOAD
+            if self.gso_frames_ok:
+                our_caps |= frames.CAP_GSO_FRAMES
+        try:
+            reply = frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)
+            self.socks[0].sendto(frames.encode_hello(reply, self.secret), dst)
+        except OSError as exc:
+            log.debug("hello failed errno=%s", exc.errno)
+
     def wanted_framing(self):
         if self.peer_hello is None or not (self.vnet_hdr and self.cfg.offload):
             return "compat"
@@ -304,8 +309,10 @@ class HostSide(Side):
         self.expose.on_frame(src, data, local)
 
     async def on_tick(self, now):
-        # Offload frames cut up on the way: the next hello answer says so.
-        self.check_splits()
+        # Offload frames cut up on the way: say so now, not at the next hello.
+        if self.check_splits() and self.peer.peer and self.peer_hello is not None:
+            self.send_hello(self.peer.peer)
+        self.refresh_frame_segments(now)
         last = self.latest("writer", "last_in_ns")
         if last:
             self.peer.traffic(last)

@@ -29,6 +29,7 @@ from fastfwd.errors import EXIT_SETUP, FastfwdError
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+PATH_MTU_CHECK_S = 5.0
 
 
 class Side:
@@ -61,6 +62,8 @@ class Side:
         # writer counts one that did not (the path cuts them up).
         self.gso_frames_ok = _udp_gro_on(self.socks)
         self._splits_seen = 0
+        self._peer_args = ([], "compat", 0)
+        self._next_mtu_check = 0.0
         self.started_at = time.time()
         self.local = None
 
@@ -131,6 +134,7 @@ class Side:
         change of framing. With ``peer_caps`` holding CAP_GSO_FRAMES (and
         this side still receiving frames whole) offload frames travel as
         UDP_SEGMENT runs sized for the path to the peer."""
+        self._peer_args = (list(addrs), framing, peer_caps)
         seg = 0
         if framing == "offload" and peer_caps & frames.CAP_GSO_FRAMES and addrs:
             try:
@@ -164,6 +168,23 @@ class Side:
             self.counters.read(st.slot_index(role, q))
             for q in range(self.spec["workers"])
         ]
+
+    def refresh_frame_segments(self, now):
+        """Follow the path MTU: when the largest unfragmented payload to the
+        peer changed (an underlay MTU changed), tell the readers the new
+        segment size; a reader that met EMSGSIZE meanwhile sends whole
+        datagrams."""
+        if now < self._next_mtu_check or not self.frame_seg:
+            return
+        self._next_mtu_check = now + PATH_MTU_CHECK_S
+        addrs, framing, caps = self._peer_args
+        try:
+            seg = linux.udp_payload_limit(addrs[0])
+        except (OSError, IndexError):
+            return
+        if seg != self.frame_seg:
+            log.info("path MTU changed segment_bytes=%d was=%d", seg, self.frame_seg)
+            self.set_workers_peer(addrs, framing, caps)
 
     def check_splits(self):
         """True once, when writers first report offload frames that did not

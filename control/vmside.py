@@ -310,6 +310,7 @@ class VmSide(Side):
     async def on_tick(self, now):
         if self.check_splits() and self.host_addr is not None:
             self.send_hello(now)  # offload frames arrive cut up: say so now
+        self.refresh_frame_segments(now)
         if self.host_addr is not None:
             last_sent = max(self.last_heartbeat, self.latest("reader", "last_out_ns"))
             if now - last_sent >= HEARTBEAT_S:

@@ -171,10 +171,12 @@ class Reader:
                     except BlockingIOError:
                         raise
                     except OSError as exc:
-                        if exc.errno not in _NO_UDP_GSO:
+                        if exc.errno not in _NO_FRAME_GSO:
                             raise
-                        # LIMIT: the kernel or the path refuses UDP
-                        # segmentation: whole datagrams, fragmented, again.
+                        # The kernel refuses UDP segmentation, or the path's
+                        # MTU shrank below the segment size: whole
+                        # datagrams, fragmented, until the control process
+                        # says a new size.
                         self.set_frame_segments(0)
                         seg = 0
                         sock.sendto(view[start:end], peer)
@@ -354,6 +356,9 @@ def _from_local(text):
 def _local_text(cmsg):
     return str(ipaddress.IPv4Address(linux.pktinfo_address(cmsg[0][2]))) if cmsg else ""
 _NO_UDP_GSO = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
+_NO_FRAME_GSO = _NO_UDP_GSO | {errno.EMSGSIZE}
+# An IP packet wrapped as an OFFLOAD frame with an empty virtio-net header.
+_PLAIN_FRAME_HEAD = bytes([frames.OFFLOAD]) + bytes(_VNET)
 
 
 def _count_batch(c, received, in_bytes, sent, out_bytes):
@@ -420,6 +425,7 @@ class Writer:
         self._out_peer = None
         self._accessor_gso = True
         self._relay_gso = True
+        self._raw_ok = True
         self._xbuf = bytearray(BUFFER_BYTES)
         self._xview = memoryview(self._xbuf)
         # VM side: a control body being reassembled from chunks.
@@ -434,11 +440,19 @@ class Writer:
         self._loop.remove_reader(self._sock.fileno())
         self.set_expose(None, False)
 
-    def set_peer(self, addrs):
+    def set_peer(self, addrs, framing=COMPAT):
         """Accept datagrams from these ``(ip, port)`` addresses only: the VM
-        side's worker sockets on the host, the host on the VM side."""
+        side's worker sockets on the host, the host on the VM side.
+
+        With ``framing`` OFFLOAD the peer sends OFFLOAD frames only, so a
+        bare IP packet from it is not its own (a piece of a frame that the
+        path cut up, whose payload happens to look like a packet) and is
+        dropped; what this side relays to it (accessor packets) goes as
+        frames too.
+        """
         self._peers = frozenset(addrs)
         self._out_peer = addrs[0] if addrs else None
+        self._raw_ok = framing != OFFLOAD or not self._off
 
     # accessors (host side)
 
@@ -583,7 +597,7 @@ class Writer:
                 relayed += self._from_accessor(view[:n], src, ip, out_peer, local)
                 continue
             checked = [self._check_accessor_packet(view[i : i + seg], ip) for i in range(0, n, seg)]
-            if out_peer is not None and not any(checked) and self._relay_gso:
+            if out_peer is not None and not any(checked) and self._relay_gso and self._raw_ok:
                 cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
                 try:
                     self._sock.sendmsg([view[:n]], cmsg, 0, out_peer)
@@ -658,7 +672,10 @@ class Writer:
             c[st.DROPS_NO_PEER] += 1
             return 0
         try:
-            self._sock.sendto(packet, out_peer)
+            if self._raw_ok:
+                self._sock.sendto(packet, out_peer)
+            else:
+                self._sock.sendmsg([_PLAIN_FRAME_HEAD, packet], _NO_CMSG, 0, out_peer)
         except OSError:
             c[st.DROPS_IO] += 1
             return 0
@@ -697,7 +714,7 @@ class Writer:
         gro, rx_list = self._gro, [rx]
         sessions = self._sessions
         frame_bytes = frames.offload_frame_bytes
-        pkts = out_bytes = in_bytes = received = io_errors = split = 0
+        pkts = out_bytes = in_bytes = received = io_errors = split = bare = 0
         collecting = self._body is not None
         for _ in range(BATCH_PKTS):
             try:
@@ -752,6 +769,9 @@ class Writer:
                     continue
                 first = buf[off]
                 if first >> 4 == 4 or first >> 4 == 6:
+                    if not self._raw_ok:
+                        bare += 1
+                        continue
                     packet = view[: off + n]
                 elif first == OFFLOAD_FRAME and off:
                     if frame_bytes(rx) != n:
@@ -778,6 +798,8 @@ class Writer:
             c[st.DROPS_IO] += io_errors
         if split:
             c[st.DROPS_SPLIT] += split
+        if bare:
+            c[st.DROPS_MALFORMED] += bare
         if pkts:
             # Liveness of the peer: only packets it sent that reached TUN count.
             c[st.LAST_IN_NS] = time.monotonic_ns()
@@ -803,6 +825,7 @@ class Writer:
                 and size >= MIN_PACKET_BYTES
                 and self._body is None
                 and (first >> 4 == 4 or first >> 4 == 6)
+                and self._raw_ok
             ):
                 if self._sessions and self._divert(size):
                     continue
@@ -871,6 +894,8 @@ class Writer:
                 c[st.DROPS_MALFORMED] += 1
             elif first == OFFLOAD_FRAME and frames.offload_frame_bytes(rx) != n:
                 c[st.DROPS_SPLIT] += 1  # a piece of a frame, not a frame
+            elif first != OFFLOAD_FRAME and not self._raw_ok:
+                c[st.DROPS_MALFORMED] += 1  # the peer sends frames only
             elif self._sessions and self._divert(n):
                 return
             else:

@@ -121,7 +121,7 @@ class Worker:
                 self.set_framing(msg.get("framing", engine.COMPAT))
                 self.engine.set_frame_segments(int(msg.get("frame_seg", 0)))
             else:
-                self.engine.set_peer(addrs)
+                self.engine.set_peer(addrs, msg.get("framing", engine.COMPAT))
             log.debug("peer set addrs=%s framing=%s", addrs, msg.get("framing"))
         elif op == messages.SET_LOGLEVEL:
             logsetup.set_level(msg.get("level", "INFO"))

@@ -80,3 +80,28 @@ def test_mtu_mismatch_between_the_sides_is_reported(lab, tmp_path):
         assert t.status("host")["peer_mtu"] == 1300
     finally:
         t.stop()
+
+
+def test_gso_frames_follow_an_underlay_mtu_that_shrinks(lab, tmp_path):
+    t = Tunnel(lab, tmp_path / "t")
+    t.start()
+    try:
+        assert wait_framing(t, "offload"), t.logs()
+        assert t.status("host")["frame_segment_bytes"] == 1472
+        lab.run(lab.host_ns, "ip", "link", "set", lab.host_if, "mtu", "1400")
+        lab.run(lab.vm_ns, "ip", "link", "set", lab.vm_if, "mtu", "1400")
+        c1 = lab.containers[0]
+        for direction in ("send", "recv"):
+            client, server = transfer(
+                lab, c1.ns, lab.host_ns, c1.ip, direction, nbytes=10 * 1024 * 1024
+            )
+            assert client["ok"] and server["ok"], (client, server, t.logs())
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if {t.status(s)["frame_segment_bytes"] for s in ("host", "vm")} == {1372}:
+                break
+            time.sleep(0.2)
+        assert t.status("host")["frame_segment_bytes"] == 1372, t.logs()
+        assert t.status("vm")["frame_segment_bytes"] == 1372, t.logs()
+    finally:
+        t.stop()

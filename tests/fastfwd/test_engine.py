@@ -438,3 +438,19 @@ def test_a_cut_up_frame_during_a_control_body_is_never_written(rig):
     w.stop()
     assert rig.writer_slot[st.DROPS_SPLIT] == 1
     assert rig.tun.nothing_written()
+
+
+def test_a_peer_in_offload_framing_sends_frames_only(rig):
+    """A bare IP packet from a peer that frames everything is not its own
+    (a piece of a cut-up frame, say): dropped, never written."""
+    w = _gso_writer(rig)
+    w.set_peer([rig.peer.getsockname()], engine.OFFLOAD)
+    rig.peer.sendto(ipv4_packet(), rig.sock.getsockname())
+    rig.spin()
+    assert rig.tun.nothing_written()
+    assert rig.writer_slot[st.DROPS_MALFORMED] == 1
+    frame = _offload_frame(100)
+    rig.peer.sendto(frame, rig.sock.getsockname())
+    rig.spin()
+    w.stop()
+    assert rig.tun.written() == frame[1:]
