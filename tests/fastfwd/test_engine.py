@@ -369,13 +369,13 @@ def _offload_frame(payload_bytes):
     return bytes([frames.OFFLOAD]) + hdr + ipv4_packet(b"g" * payload_bytes)
 
 
-def _gso_writer(rig):
+def _gso_writer(rig, client=False):
     from fastfwd.endpoints import tune_socket
 
     tune_socket(rig.sock)  # UDP_GRO on
     w = engine.Writer(
         rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot,
-        rig.writer._channel, connected=False, vnet_hdr=True,
+        rig.writer._channel, connected=client, vnet_hdr=True,
     )  # fmt: skip
     w.set_peer([rig.peer.getsockname()])
     w.start()
@@ -425,12 +425,7 @@ def test_reader_sends_offload_frames_as_runs_of_path_sized_datagrams(rig):
 
 def test_a_cut_up_frame_during_a_control_body_is_never_written(rig):
     """The slow path (a control body being collected) checks frames too."""
-    w = engine.Writer(
-        rig.loop, rig.tun.engine_fd, rig.sock, rig.writer_slot,
-        rig.writer._channel, connected=True, vnet_hdr=True,
-    )  # fmt: skip
-    w.set_peer([rig.peer.getsockname()])
-    w.start()
+    w = _gso_writer(rig, client=True)
     frame = _offload_frame(6000)
     rig.peer.sendto(frames.control_header(100), rig.sock.getsockname())
     rig.peer.sendto(frame[:1400], rig.sock.getsockname())
