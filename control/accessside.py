@@ -24,9 +24,10 @@ import os
 import time
 
 from control.config import Route
-from control.hostside import routable
 from control.process import Side
-from control.routes import Netlink, RouteTable, remove_owned_routes
+from control.routes import (
+    ROUTE_CHECK_S, Netlink, RouteTable, remove_owned_routes, routable,
+)
 from fastfwd import frames
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class AccessSide(Side):
         self.pending = None
         self.wanted = []  # Route objects of the applied session
         self.address = None  # the device's address from the applied session
+        self._next_route_check = 0.0
 
     async def setup(self):
         # The device is ours and goes with us: no IPv6 chatter from it (the
@@ -190,8 +192,13 @@ class AccessSide(Side):
     async def on_tick(self, now):
         if not self.logged_in and now >= self.next_login:
             self.send_login(frames.LOGIN_HELLO, now)
-        if self.session is not None and self._applying is None:
+        if (
+            self.session is not None
+            and self._applying is None
+            and now >= self._next_route_check
+        ):
             # Restore routes something else removed.
+            self._next_route_check = now + ROUTE_CHECK_S
             added, _ = await self.nl.run(self.routes.reconcile, self.wanted)
             if added:
                 log.warning("routes restored dev=%s count=%d", self.tun_name, len(added))

@@ -19,7 +19,6 @@ tokens appear in logs redacted.
 
 import asyncio
 import errno
-import ipaddress
 import logging
 import socket
 import time
@@ -84,7 +83,7 @@ class ExposeServer:
         exposed = tuple(
             str(r.network) for r in cfg.routes.values() if r.expose
         )
-        if exposed != self._exposed and self._exposed is not None:
+        if exposed != self._exposed:
             for _, addr, local in self.sessions.values():
                 self._send(frames.NOT_LOGGED_IN_FRAME, addr, local)
         self._exposed = exposed
@@ -248,12 +247,8 @@ class ExposeServer:
         """Send to ``addr`` from ``local``, the address it dialled (if known)."""
         if self.sock is None:
             return
-        cmsg = []
-        if local:
-            packed = ipaddress.IPv4Address(local).packed
-            cmsg = [(linux.IPPROTO_IP, linux.IP_PKTINFO, linux.pktinfo(packed))]
         try:
-            self.sock.sendmsg([data], cmsg, 0, addr)
+            self.sock.sendmsg([data], linux.send_from(local), 0, addr)
         except OSError as exc:
             log.debug("expose send failed errno=%s", exc.errno)
 

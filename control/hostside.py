@@ -19,13 +19,14 @@ from control.hostsfile import HostsNames
 from control.peer import HELLO_LEASE_S, PeerTracker
 from control.process import Side, framing_for
 from control.proxy import ProxySet
-from control.routes import Netlink, RouteTable, remove_owned_routes
+from control.routes import (
+    ROUTE_CHECK_S, Netlink, RouteTable, remove_owned_routes, routable,
+)
 from fastfwd import frames, logsetup
 from fastfwd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ROUTE_CHECK_S = 2.0
 REPAIR_INTERVAL_S = 2.0
 # Signed hellos are accepted within this distance of the host's clock.
 HELLO_CLOCK_SKEW_MS = 60_000
@@ -562,17 +563,6 @@ class HostSide(Side):
         out["names"] = self.names.statistics()
         out["expose"] = self.expose.statistics()
         return out
-
-
-def routable(text):
-    """Whether a network a VM side reports may be routed into the tunnel:
-    unicast, not loopback, link-local, multicast or reserved, at least /8."""
-    net = ipaddress.IPv4Network(text)
-    addr = net.network_address
-    return net.prefixlen >= 8 and not (
-        addr.is_multicast or addr.is_loopback or addr.is_link_local
-        or addr.is_reserved or addr.is_unspecified or net.broadcast_address.is_multicast
-    )  # fmt: skip
 
 
 def _state_line(path):

@@ -123,6 +123,10 @@ class Netlink:
         return out
 
 
+# How often routes something else removed are looked for and restored.
+ROUTE_CHECK_S = 2.0
+
+
 class RouteTable:
     """The routes fastfwd keeps on one device: add, remove, restore.
 
@@ -218,6 +222,18 @@ class RouteTable:
         """Delete every route fastfwd made on the device."""
         for net in self.owned():
             self._delete(net)
+
+
+def routable(text):
+    """Whether a network someone else names (a VM side's bridges, a host's
+    exposed networks) may be routed into a tunnel: unicast, not loopback,
+    link-local, multicast or reserved, at least /8."""
+    net = ipaddress.IPv4Network(text)
+    addr = net.network_address
+    return net.prefixlen >= 8 and not (
+        addr.is_multicast or addr.is_loopback or addr.is_link_local
+        or addr.is_reserved or addr.is_unspecified or net.broadcast_address.is_multicast
+    )  # fmt: skip
 
 
 async def remove_owned_routes(ifname):

@@ -344,17 +344,7 @@ IPPROTO_IP, IP_PKTINFO = linux.IPPROTO_IP, linux.IP_PKTINFO
 _NO_CMSG = []
 
 
-def _pktinfo(local):
-    """The control message that makes a reply leave from ``local`` (4 bytes)."""
-    return [(IPPROTO_IP, IP_PKTINFO, linux.pktinfo(local))]
 
-
-def _from_local(text):
-    return _pktinfo(ipaddress.IPv4Address(text).packed) if text else _NO_CMSG
-
-
-def _local_text(cmsg):
-    return str(ipaddress.IPv4Address(linux.pktinfo_address(cmsg[0][2]))) if cmsg else ""
 _NO_UDP_GSO = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 _NO_FRAME_GSO = _NO_UDP_GSO | {errno.EMSGSIZE}
 # An IP packet wrapped as an OFFLOAD frame with an empty virtio-net header.
@@ -478,7 +468,7 @@ class Writer:
         ``exposed``: the networks accessors may reach; ``pong``: answer their
         pings to ``host_ip`` here."""
         self._all_sessions = {
-            ipaddress.IPv4Address(ip).packed: (tuple(addr), _from_local(local))
+            ipaddress.IPv4Address(ip).packed: (tuple(addr), linux.send_from(local))
             for ip, addr, local in sessions
         }
         self._session_ip = {
@@ -579,12 +569,12 @@ class Writer:
             except OSError:
                 c[st.DROPS_IO] += 1
                 continue
-            seg, local = n, _NO_CMSG
+            seg, local = n, ""
             for level, kind, data in anc:
                 if kind == UDP_GRO and level == SOL_UDP:
                     seg = int.from_bytes(data[:2], sys.byteorder)
                 elif kind == IP_PKTINFO and level == IPPROTO_IP:
-                    local = _pktinfo(data[8:12])  # the address it was sent to
+                    local = linux.pktinfo_destination(data)
             ip = session_ip.get(src)
             if ip is None and n >= MIN_PACKET_BYTES and view[0] >> 4 == 4:
                 # The message with a just-made session may still wait in
@@ -623,18 +613,16 @@ class Writer:
         ):
             return 1
         dst = packet[16:20]
-        if dst == self._host_ip:
-            return 1
-        d = int.from_bytes(dst, "big")
-        for net, mask in self._exposed:
-            if d & mask == net:
-                return 0
-        return 1
+        return 0 if dst != self._host_ip and self._is_exposed(dst) else 1
 
-    def _from_accessor(self, packet, src, ip, out_peer, local=()):
+    def _is_exposed(self, dst):
+        """Whether ``dst`` (4 bytes) lies in a network accessors may reach."""
+        d = int.from_bytes(dst, "big")
+        return any(d & mask == net for net, mask in self._exposed)
+
+    def _from_accessor(self, packet, src, ip, out_peer, local=""):
         """One datagram from the expose port; returns 1 if relayed.
-        ``local``: the IP_PKTINFO control message that answers from the
-        address the datagram was sent to."""
+        ``local``: the address it was sent to, which answers leave from."""
         c = self._c
         n = len(packet)
         if ip is not None and n and packet[0] >> 4 == 6:
@@ -656,16 +644,12 @@ class Writer:
                 c[st.DROPS_ACL] += 1
                 return 0
             try:
-                self._expose.sendmsg([reply], local, 0, src)
+                self._expose.sendmsg([reply], linux.send_from(local), 0, src)
                 c[st.PONGS] += 1
             except OSError:
                 c[st.DROPS_IO] += 1
             return 0
-        d = int.from_bytes(dst, "big")
-        for net, mask in self._exposed:
-            if d & mask == net:
-                break
-        else:
+        if not self._is_exposed(dst):
             c[st.DROPS_ACL] += 1
             return 0
         if out_peer is None:
@@ -681,7 +665,7 @@ class Writer:
             return 0
         return 1
 
-    def _expose_frame(self, packet, src, local=()):
+    def _expose_frame(self, packet, src, local=""):
         """Logins, and datagrams from addresses without a session: to the
         control process, throttled like other strangers' frames."""
         c = self._c
@@ -696,7 +680,7 @@ class Writer:
                     messages.EXPOSE_FRAME,
                     src=messages.peer_to_wire(src),
                     data=bytes(packet),
-                    local=_local_text(local),
+                    local=local,
                 )
             )
 

@@ -56,14 +56,18 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
 
-def pktinfo(local):
-    """An ``in_pktinfo`` that sends from the IPv4 address ``local`` (4 bytes)."""
-    return _PKTINFO.pack(0, bytes(local), b"\0\0\0\0")
+def send_from(local):
+    """Control messages that make a datagram leave from the IPv4 address
+    ``local`` (text; "" for none: the kernel picks)."""
+    if not local:
+        return []
+    packed = socket.inet_aton(local)
+    return [(IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, packed, b"\0\0\0\0"))]
 
 
-def pktinfo_address(data):
-    """The source address an ``in_pktinfo`` made by :func:`pktinfo` sets."""
-    return _PKTINFO.unpack(bytes(data))[1]
+def pktinfo_destination(data):
+    """The address a received datagram was sent to, from its IP_PKTINFO."""
+    return socket.inet_ntoa(_PKTINFO.unpack(bytes(data))[2])
 
 
 def udp_payload_limit(addr):
