@@ -697,53 +697,34 @@ class Writer:
         recvfrom_into, recvmsg_into = self._sock.recvfrom_into, self._sock.recvmsg_into
         gro, rx_list = self._gro, [rx]
         sessions = self._sessions
-        frame_bytes = frames.offload_frame_bytes
+        frame_bytes, raw_ok = frames.offload_frame_bytes, self._raw_ok
         pkts = out_bytes = in_bytes = received = io_errors = split = bare = 0
         collecting = self._body is not None
         for _ in range(BATCH_PKTS):
             try:
-                # The source is checked on the VM side too: until the
-                # control process connects the socket, anyone may send.
                 if gro:
                     n, anc, _, src = recvmsg_into(rx_list, _GRO_CMSG_BYTES)
-                    if anc and n > (
-                        seg := int.from_bytes(anc[0][2][:2], sys.byteorder)
+                    if (
+                        anc
+                        and n > (seg := int.from_bytes(anc[0][2][:2], sys.byteorder))
+                        and not (rx[0] == OFFLOAD_FRAME and off)
                     ):
-                        if rx[0] == OFFLOAD_FRAME and off:
-                            # A GSO frame: one offload frame cut into
-                            # datagrams by the sender's kernel, whole again.
-                            # (A control body being collected meanwhile
-                            # is no reason to hold a whole frame back.)
-                            if src not in peers:
-                                self._slow_path(min(n, seg), src)
-                            elif frame_bytes(rx) != n:
-                                split += 1
-                            elif sessions and self._divert(n):
-                                pass
-                            else:
-                                try:
-                                    write(tun_fd, view[off + 1 : off + n])
-                                    pkts += 1
-                                    out_bytes += n
-                                except OSError:
-                                    io_errors += 1
-                            received += 1
-                            in_bytes += n
-                            continue
                         # Several datagrams of seg bytes, taken as one run.
+                        # (A GSO frame, one offload frame the sender's kernel
+                        # cut into datagrams, comes back whole: it goes the
+                        # way of any single frame below.)
                         got, got_bytes, runs = self._write_run(n, src, seg)
                         received += runs
                         in_bytes += n
                         pkts += got
                         out_bytes += got_bytes
-                        collecting, peers = self._body is not None, self._peers
+                        collecting, peers, raw_ok = self._body is not None, self._peers, self._raw_ok
                         continue
                 else:
                     n, src = recvfrom_into(rx)
             except BlockingIOError:
                 break
             except OSError:
-                # ECONNREFUSED after an ICMP error on a connected socket.
                 io_errors += 1
                 continue
             received += 1
@@ -753,18 +734,18 @@ class Writer:
                     continue
                 first = buf[off]
                 if first >> 4 == 4 or first >> 4 == 6:
-                    if not self._raw_ok:
+                    if not raw_ok:
                         bare += 1
                         continue
                     packet = view[: off + n]
                 elif first == OFFLOAD_FRAME and off:
                     if frame_bytes(rx) != n:
-                        split += 1  # a piece of a GSO frame the path cut up
+                        split += 1  # a piece of a frame the path cut up
                         continue
                     packet = view[off + 1 : off + n]
                 else:
                     self._slow_path(n, src)
-                    collecting, peers = self._body is not None, self._peers
+                    collecting, peers, raw_ok = self._body is not None, self._peers, self._raw_ok
                     continue
                 try:
                     write(tun_fd, packet)
@@ -775,7 +756,7 @@ class Writer:
                 out_bytes += n
             else:
                 self._slow_path(n, src)
-                collecting, peers = self._body is not None, self._peers
+                collecting, peers, raw_ok = self._body is not None, self._peers, self._raw_ok
         c = self._c
         _count_batch(c, received, in_bytes, pkts, out_bytes)
         if io_errors:
