@@ -67,7 +67,8 @@ class AccessSide(Side):
         # The device is ours and goes with us: no IPv6 chatter from it (the
         # host drops an accessor's IPv6 anyway).
         try:
-            with open(f"/proc/sys/net/ipv6/conf/{self.tun_name}/disable_ipv6", "w") as f:
+            path = f"/proc/sys/net/ipv6/conf/{self.tun_name}/disable_ipv6"
+            with open(path, "w") as f:
                 f.write("1")
         except OSError as exc:
             log.debug("IPv6 left on dev=%s errno=%s", self.tun_name, exc.errno)
@@ -173,7 +174,10 @@ class AccessSide(Side):
                 if any(net.overlaps(x) for x in self.exclude):
                     excluded.append(net)
                 elif not routable(net):
-                    log.error("route refused dst=%s reason=not a unicast network of /8 or longer", net)
+                    log.error(
+                        "route refused dst=%s reason=not unicast, or wider than /8",
+                        net,
+                    )
                 else:
                     wanted.append(Route(net))
             added, removed = await self.nl.run(self.routes.reconcile, wanted)
@@ -201,7 +205,9 @@ class AccessSide(Side):
             self._next_route_check = now + ROUTE_CHECK_S
             added, _ = await self.nl.run(self.routes.reconcile, self.wanted)
             if added:
-                log.warning("routes restored dev=%s count=%d", self.tun_name, len(added))
+                log.warning(
+                    "routes restored dev=%s count=%d", self.tun_name, len(added)
+                )
 
     async def status(self):
         out = await super().status()

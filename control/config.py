@@ -339,11 +339,9 @@ def parse_text(text, path="<config>", base=None):
     return cfg
 
 
-def _cross_check(cfg, path, token_lines):
-    """Problems between directives, whatever their order: every token's IP
-    must be a free address of the tunnel network, and the expose port
-    cannot be the tunnel's own."""
-    problems = []
+def token_ip_problem(cfg, ip):
+    """Why ``ip`` cannot be an accessor's address in ``cfg``'s tunnel
+    network, or None."""
     net = cfg.addr.network
     taken = {
         cfg.vm_ip: "the VM side's tunnel address",
@@ -351,17 +349,28 @@ def _cross_check(cfg, path, token_lines):
         net.network_address: "the network address",
         net.broadcast_address: "the broadcast address",
     }
+    if ip not in net:
+        return f"token IP {ip} is outside the tunnel network {net}"
+    if ip in taken:
+        return f"token IP {ip} is {taken[ip]}"
+    return None
+
+
+def _cross_check(cfg, path, token_lines):
+    """Problems between directives, whatever their order: every token's IP
+    must be a free address of the tunnel network, and the expose port
+    cannot be the tunnel's own."""
+    problems = []
     for name, ip in cfg.tokens.items():
-        line = token_lines.get(name, 0)
-        if ip not in net:
-            problems.append((path, line, f"token IP {ip} is outside the tunnel network {net}"))
-        elif ip in taken:
-            problems.append((path, line, f"token IP {ip} is {taken[ip]}"))
+        reason = token_ip_problem(cfg, ip)
+        if reason:
+            problems.append((path, token_lines.get(name, 0), reason))
     exposed = tuple(str(r.network) for r in cfg.routes.values() if r.expose)
     if exposed:
         # The upstream accessor reads its login answer into 2000 bytes.
         from fastfwd.frames import Session, UPSTREAM_BUFFER_BYTES, encode_session
 
+        net = cfg.addr.network
         longest = f"{net.broadcast_address}/{net.prefixlen}"
         answer = encode_session(Session(longest, str(cfg.host_ip), cfg.mtu, exposed))
         if len(answer) > UPSTREAM_BUFFER_BYTES:

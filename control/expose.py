@@ -23,6 +23,7 @@ import logging
 import socket
 import time
 
+from control import config as cfgmod
 from control import messages
 from fastfwd import endpoints, frames, linux
 
@@ -145,14 +146,18 @@ class ExposeServer:
                 else:
                     chan.send(packed)
             except OSError as exc:
-                log.warning("expose socket not passed to writer%d errno=%s", q, exc.errno)
+                log.warning(
+                    "expose socket not passed to writer%d errno=%s", q, exc.errno
+                )
 
     def publish(self, queue=None):
         """Tell the writers the sessions and what accessors may reach."""
         cfg = self.cfg
         packed = messages.pack(
             messages.SET_SESSIONS,
-            sessions=[[str(ip), a[0], a[1], local] for ip, a, local in self.sessions.values()],
+            sessions=[
+                [str(ip), a[0], a[1], local] for ip, a, local in self.sessions.values()
+            ],
             exposed=list(self._exposed or ()),
             host_ip=str(cfg.host_ip),
             pong=cfg.pong,
@@ -184,10 +189,7 @@ class ExposeServer:
         """The IP of a token line, if it fits the running tunnel network (a
         changed ``addr`` waits for a restart; its tokens wait with it)."""
         ip = self.cfg.tokens.get(token)
-        net = self.cfg.addr.network
-        if ip is None or ip not in net or ip in (
-            self.cfg.vm_ip, self.cfg.host_ip, net.network_address, net.broadcast_address,
-        ):  # fmt: skip
+        if ip is None or cfgmod.token_ip_problem(self.cfg, ip):
             return None
         return ip
 
@@ -254,7 +256,7 @@ class ExposeServer:
 
     def statistics(self):
         return {
-            "listen": None if self.bound is None else f"{self.bound[0]}:{self.bound[1]}",
+            "listen": f"{self.bound[0]}:{self.bound[1]}" if self.bound else None,
             "error": self.error,
             "sessions": [
                 {"token": frames.redact(t), "ip": str(ip), "from": f"{a[0]}:{a[1]}"}

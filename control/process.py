@@ -102,9 +102,8 @@ class Side:
         elif op == messages.CONTROL_BODY:
             self.on_control_body(msg["body"])
         elif op == messages.EXPOSE_FRAME:
-            self.on_expose_frame(
-                messages.peer_from_wire(msg.get("src")), msg["data"], msg.get("local", "")
-            )
+            src = messages.peer_from_wire(msg.get("src"))
+            self.on_expose_frame(src, msg["data"], msg.get("local", ""))
         elif op == messages.UNKNOWN_SOURCE:
             self.on_unknown_source(messages.peer_from_wire(msg.get("src")))
         elif op == messages.CHILD_STARTED:

@@ -127,7 +127,9 @@ class Reader:
         (the largest payload the path carries unfragmented); 0 sends each
         frame as one datagram, which the underlay fragments."""
         self._frame_seg = seg
-        self._frame_cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))] if seg else []
+        self._frame_cmsg = (
+            [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))] if seg else []
+        )
 
     def set_framing(self, framing):
         """Switch between COMPAT and OFFLOAD (OFFLOAD needs ``vnet_hdr``)."""
@@ -586,8 +588,12 @@ class Writer:
             if ip is None or seg >= n:
                 relayed += self._from_accessor(view[:n], src, ip, out_peer, local)
                 continue
-            checked = [self._check_accessor_packet(view[i : i + seg], ip) for i in range(0, n, seg)]
-            if out_peer is not None and not any(checked) and self._relay_gso and self._raw_ok:
+            checked = [
+                self._check_accessor_packet(view[i : i + seg], ip)
+                for i in range(0, n, seg)
+            ]
+            whole_run = self._relay_gso and self._raw_ok and out_peer is not None
+            if whole_run and not any(checked):
                 cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
                 try:
                     self._sock.sendmsg([view[:n]], cmsg, 0, out_peer)
@@ -693,13 +699,12 @@ class Writer:
             self._tun_fd,
         )
         write = os.write
-        peers = self._peers
         recvfrom_into, recvmsg_into = self._sock.recvfrom_into, self._sock.recvmsg_into
         gro, rx_list = self._gro, [rx]
         sessions = self._sessions
-        frame_bytes, raw_ok = frames.offload_frame_bytes, self._raw_ok
+        frame_bytes = frames.offload_frame_bytes
         pkts = out_bytes = in_bytes = received = io_errors = split = bare = 0
-        collecting = self._body is not None
+        collecting, peers, raw_ok = self._batch_state()
         for _ in range(BATCH_PKTS):
             try:
                 if gro:
@@ -718,7 +723,7 @@ class Writer:
                         in_bytes += n
                         pkts += got
                         out_bytes += got_bytes
-                        collecting, peers, raw_ok = self._body is not None, self._peers, self._raw_ok
+                        collecting, peers, raw_ok = self._batch_state()
                         continue
                 else:
                     n, src = recvfrom_into(rx)
@@ -745,7 +750,7 @@ class Writer:
                     packet = view[off + 1 : off + n]
                 else:
                     self._slow_path(n, src)
-                    collecting, peers, raw_ok = self._body is not None, self._peers, self._raw_ok
+                    collecting, peers, raw_ok = self._batch_state()
                     continue
                 try:
                     write(tun_fd, packet)
@@ -756,7 +761,7 @@ class Writer:
                 out_bytes += n
             else:
                 self._slow_path(n, src)
-                collecting, peers, raw_ok = self._body is not None, self._peers, self._raw_ok
+                collecting, peers, raw_ok = self._batch_state()
         c = self._c
         _count_batch(c, received, in_bytes, pkts, out_bytes)
         if io_errors:
@@ -768,6 +773,11 @@ class Writer:
         if pkts:
             # Liveness of the peer: only packets it sent that reached TUN count.
             c[st.LAST_IN_NS] = time.monotonic_ns()
+
+    def _batch_state(self):
+        """What the receive loop keeps in locals and reads again after the
+        slow path (which may take control messages that change it)."""
+        return self._body is not None, self._peers, self._raw_ok
 
     def _write_run(self, n, src, seg):
         """Handle a run of datagrams that UDP_GRO delivered together, one by

@@ -14,7 +14,8 @@ fast path of the VM <-> host tunnel; it runs for accessor traffic only.
 
 import struct
 
-_VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum start/offset
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+_VNET = struct.Struct("<BBHHHH")
 VNET_HDR_BYTES = _VNET.size
 NEEDS_CSUM = 0x01
 GSO_NONE, GSO_TCPV4, GSO_ECN = 0, 1, 0x80
