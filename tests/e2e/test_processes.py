@@ -38,6 +38,15 @@ def test_without_cap_net_admin_run_fails_in_one_line_and_leaves_nothing(lab, tmp
     assert lab.snapshot(lab.host_ns) == before
 
 
+def fastfwd_in(lab, ns, *argv):
+    """Run one ``fastfwd`` command in ``ns`` to its end (it is expected to
+    fail at set-up) and return the completed process."""
+    return lab.run(
+        ns, sys.executable, "-m", "fastfwd", *argv,
+        check=False, cwd=os.getcwd(), timeout=60,
+    )  # fmt: skip
+
+
 def test_busy_port_is_one_clear_line(lab, tmp_path):
     from lab.nsocket import socket_in
 
@@ -45,17 +54,7 @@ def test_busy_port_is_one_clear_line(lab, tmp_path):
     blocker.bind((str(lab.host_ip), 2511))
     try:
         t = Tunnel(lab, tmp_path / "t")
-        res = lab.run(
-            lab.host_ns,
-            sys.executable,
-            "-m",
-            "fastfwd",
-            "run",
-            "-c",
-            t.config,
-            check=False,
-            cwd=os.getcwd(),
-        )
+        res = fastfwd_in(lab, lab.host_ns, "run", "-c", t.config)
     finally:
         blocker.close()
     assert res.returncode == 3
@@ -121,22 +120,12 @@ def test_a_second_instance_on_the_same_device_is_refused(lab, tunnel, tmp_path):
         f"host {lab.host_ip}\nport 2600\nsocket {tmp_path}/2.sock\nstate {tmp_path}/2.state\n"
     )
     routes = tunnel.status("host")["routes"]
-    res = lab.run(
-        lab.host_ns,
-        sys.executable,
-        "-m",
-        "fastfwd",
-        "run",
-        "-c",
-        str(conf),
-        check=False,
-        cwd=os.getcwd(),
-        timeout=60,
-    )
+    res = fastfwd_in(lab, lab.host_ns, "run", "-c", conf)
     assert res.returncode == 3, res.stderr
     assert "exists and is in use" in res.stderr
-    res = lab.run(lab.vm_ns, sys.executable, "-m", "fastfwd", "connect", "-host", str(lab.host_ip),
-                  "--socket", f"{tmp_path}/v2.sock", check=False, cwd=os.getcwd(), timeout=60)  # fmt: skip
+    res = fastfwd_in(
+        lab, lab.vm_ns, "connect", "-host", lab.host_ip, "--socket", f"{tmp_path}/v2.sock"
+    )
     assert res.returncode == 3, res.stderr
     # The running pair is untouched.
     time.sleep(2.5)
