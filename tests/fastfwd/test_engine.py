@@ -382,6 +382,15 @@ def _gso_writer(rig, client=False):
     return w
 
 
+def _assert_piece_dropped(rig, w, piece):
+    """``piece`` of a frame, sent alone, is counted and never written."""
+    rig.peer.sendto(piece, rig.sock.getsockname())
+    rig.spin()
+    w.stop()
+    assert rig.writer_slot[st.DROPS_SPLIT] == 1
+    assert rig.tun.nothing_written()
+
+
 def test_writer_takes_a_gso_frame_whole_and_drops_a_cut_up_one(rig):
     import sys
 
@@ -392,11 +401,7 @@ def test_writer_takes_a_gso_frame_whole_and_drops_a_cut_up_one(rig):
     rig.spin()
     assert rig.tun.written() == frame[1:]  # header and packet, as one write
     # The first datagram of a frame alone (the path cut it up): not written.
-    rig.peer.sendto(frame[:1400], rig.sock.getsockname())
-    rig.spin()
-    w.stop()
-    assert rig.writer_slot[st.DROPS_SPLIT] == 1
-    assert rig.tun.nothing_written()
+    _assert_piece_dropped(rig, w, frame[:1400])
 
 
 def test_reader_sends_offload_frames_as_runs_of_path_sized_datagrams(rig):
@@ -426,13 +431,8 @@ def test_reader_sends_offload_frames_as_runs_of_path_sized_datagrams(rig):
 def test_a_cut_up_frame_during_a_control_body_is_never_written(rig):
     """The slow path (a control body being collected) checks frames too."""
     w = _gso_writer(rig, client=True)
-    frame = _offload_frame(6000)
     rig.peer.sendto(frames.control_header(100), rig.sock.getsockname())
-    rig.peer.sendto(frame[:1400], rig.sock.getsockname())
-    rig.spin()
-    w.stop()
-    assert rig.writer_slot[st.DROPS_SPLIT] == 1
-    assert rig.tun.nothing_written()
+    _assert_piece_dropped(rig, w, _offload_frame(6000)[:1400])
 
 
 def test_a_peer_in_offload_framing_sends_frames_only(rig):
