@@ -7,6 +7,7 @@ import pytest
 
 from lab.pytest_support import root_marks
 from lab.tunnel import Tunnel
+from tests.e2e.helpers import wait_for
 from tests.e2e.test_tunnel import TRANSFER_BYTES, TUNNEL_HOST_IP, transfer
 
 pytestmark = root_marks()
@@ -96,11 +97,11 @@ def test_gso_frames_follow_an_underlay_mtu_that_shrinks(lab, tmp_path):
                 lab, c1.ns, lab.host_ns, c1.ip, direction, nbytes=10 * 1024 * 1024
             )
             assert client["ok"] and server["ok"], (client, server, t.logs())
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if {t.status(s)["frame_segment_bytes"] for s in ("host", "vm")} == {1372}:
-                break
-            time.sleep(0.2)
+        wait_for(
+            lambda: {t.status(s)["frame_segment_bytes"] for s in ("host", "vm")}
+            == {1372},
+            15.0,
+        )
         assert t.status("host")["frame_segment_bytes"] == 1372, t.logs()
         assert t.status("vm")["frame_segment_bytes"] == 1372, t.logs()
     finally:
