@@ -116,13 +116,7 @@ def build_parser():
         "--secret-file",
         help="file holding the secret of the host's secret directive (or set FASTFWD_SECRET)",
     )
-    con.add_argument(
-        "--loglevel",
-        type=str.upper,
-        choices=cfgmod.LOGLEVELS,
-        default=logsetup.env_level().upper(),
-        help="log level (default INFO)",
-    )
+    _add_loglevel(con)
 
     acc = sub.add_parser(
         "access",
@@ -152,13 +146,7 @@ def build_parser():
         help=f"control socket for status (default {ACCESS_SOCKET})",
     )  # fmt: skip
     acc.add_argument("-debug", "--debug", action="store_true", help="log level DEBUG")
-    acc.add_argument(
-        "--loglevel",
-        type=str.upper,
-        choices=cfgmod.LOGLEVELS,
-        default=logsetup.env_level().upper(),
-        help="log level (default INFO)",
-    )
+    _add_loglevel(acc)
 
     cfg = sub.add_parser(
         "config", help="add configuration lines to a running host side"
@@ -213,6 +201,17 @@ def build_parser():
         help=f"configuration file (default {DEFAULT_CONFIG})",
     )
     return p
+
+
+def _add_loglevel(parser):
+    """``--loglevel`` of the commands that take no configuration file."""
+    parser.add_argument(
+        "--loglevel",
+        type=str.upper,
+        choices=cfgmod.LOGLEVELS,
+        default=logsetup.env_level().upper(),
+        help="log level (default INFO)",
+    )
 
 
 def _workers(value):
