@@ -117,6 +117,8 @@ class HostSide(Side):
             self.cfg.mtu,
         )
         self.routes = await self.nl.run(RouteTable, self.nl, self.tun_name)
+        # Before the routes: the restored peer's networks are among them.
+        self.restore_peer(time.monotonic())
         added, _ = await self.reconcile_routes()
         log.info(
             "tunnel up dev=%s addr=%s/%d mtu=%d listen=%s:%d routes=%d",
@@ -127,8 +129,6 @@ class HostSide(Side):
         await self.proxies.apply(self.cfg.proxies)
         self.names.configure(self.cfg.hosts, self.cfg.host_ip)
         await self.expose.apply()
-        if self.peer.load(time.monotonic()) is not None:
-            self.on_peer_changed()
         if self.spec.get("config"):
             self.save_snapshot()
             self.watch_task = self.loop.create_task(
@@ -182,6 +182,22 @@ class HostSide(Side):
             self.on_udp_config(src, bytes(data[1:]))
         else:
             log.debug("frame ignored src=%s type=%d bytes=%d", src, kind, len(data))
+
+    def restore_peer(self, now):
+        """The previous control process's peer, from the state file, in
+        the framing its last hello asked for: a restart of this process
+        changes nothing on the wire."""
+        peer = self.peer.load(now)
+        if peer is None:
+            return
+        self.peer_hello = _hello_from_info(self.peer.info)
+        self.peer_hello_at = now
+        if self.peer_hello is not None and self.peer_hello.caps & frames.CAP_NETWORKS:
+            self.docker_networks = {n for n in self.peer_hello.networks if routable(n)}
+        self.send_peer()
+        self.push_controls()
+        if self.peer_hello is not None:
+            self.send_hello(peer)  # it answers, which confirms what it can do
 
     def on_unknown_source(self, src):
         """IP packets from a stranger: a peer whose address changed under NAT
@@ -244,6 +260,9 @@ class HostSide(Side):
             )
         old = self.peer_hello
         self.peer_hello, self.peer_hello_at = hello, now
+        if old is None or _hello_info(old) != _hello_info(hello):
+            self.peer.info = _hello_info(hello)
+            self.peer.save()
         if old is None or (old.caps, old.ports) != (hello.caps, hello.ports):
             log.info(
                 "peer is fastfwd version=%d caps=%#x ports=%d",
@@ -582,3 +601,33 @@ def _state_line(path):
     except OSError:
         pass
     return found
+
+
+def _hello_info(hello):
+    """What the state file keeps of a peer's hello."""
+    return {
+        "caps": hello.caps,
+        "mtu": hello.mtu,
+        "ports": list(hello.ports),
+        "networks": list(hello.networks),
+    }
+
+
+def _hello_from_info(info):
+    """A hello rebuilt from :func:`_hello_info`; None if there is none or
+    it does not make sense."""
+    if not info:
+        return None
+    try:
+        hello = frames.Hello(
+            frames.HELLO_VERSION,
+            int(info["caps"]),
+            int(info["mtu"]),
+            ports=tuple(int(p) for p in info["ports"]),
+            networks=tuple(str(ipaddress.IPv4Network(n)) for n in info["networks"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not 576 <= hello.mtu <= 65535 or not all(0 < p < 65536 for p in hello.ports):
+        return None
+    return hello

@@ -9,8 +9,9 @@ silent for longer than a heartbeat interval (a live VM side sends at least
 one datagram per interval). A restarted VM side is thus followed within
 about one heartbeat, and a stranger cannot take a tunnel that is in use.
 
-The last peer is kept in a small JSON state file, so a restarted host can
-send to it before the next heartbeat arrives.
+The last peer is kept in a small JSON state file, with what its last hello
+said (capabilities, ports, networks), so a restarted host control process
+sends to it in the same framing before the next heartbeat arrives.
 """
 
 import json
@@ -46,6 +47,9 @@ class PeerTracker:
         # A peer restored from the state file has not been heard in this
         # run yet; if the VM side restarted too, it is gone.
         self.confirmed = False
+        # What the peer's hello said, as a JSON-able dict, kept with the
+        # peer in the state file; None for an upstream peer.
+        self.info = None
 
     def is_stale(self, now):
         return self.peer is None or now - self.last_heard > self.stale_after_s
@@ -97,14 +101,16 @@ class PeerTracker:
         self.peer, self.last_heard = src, now
         self.candidate = None
         self.confirmed = True
+        self.info = None
         log.info("peer connected addr=%s:%d previous=%s", src[0], src[1], _fmt(old))
         self.save()
 
     # persistence
 
     def load(self, now):
-        """Take the peer from the state file; it gets one interval of grace."""
-        if not self.state_path:
+        """Take the peer from the state file; it gets one interval of grace.
+        A peer already heard in this run is kept."""
+        if not self.state_path or self.peer is not None:
             return None
         try:
             with open(self.state_path, encoding="utf-8") as f:
@@ -115,8 +121,10 @@ class PeerTracker:
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             log.warning("state file ignored path=%s reason=%s", self.state_path, exc)
             return None
+        info = data.get("hello")
         self.peer, self.last_heard = peer, now
         self.confirmed = False
+        self.info = info if isinstance(info, dict) else None
         log.info("peer restored addr=%s:%d state=%s", peer[0], peer[1], self.state_path)
         return peer
 
@@ -128,7 +136,7 @@ class PeerTracker:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fastfwd-state-")
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"peer": list(self.peer)}, f)
+                json.dump({"peer": list(self.peer), "hello": self.info}, f)
             os.replace(tmp, self.state_path)
         except OSError as exc:
             log.warning(

@@ -70,7 +70,15 @@ class Side:
     # channels
 
     def listen(self):
+        """Take the supervisor's messages; the workers' wait for
+        :meth:`listen_workers`."""
         self.loop.add_reader(self.sup.fileno(), self._drain, self.sup, "supervisor")
+
+    def listen_workers(self):
+        """Take what the workers pass up (frames from the peer). Called once
+        set-up is done, so a frame never meets a half-built side: a hello
+        read during set-up would be overtaken by the peer restored from the
+        state file. Meanwhile the frames wait in the channels."""
         for role, queue, chan in self.channels:
             self.loop.add_reader(chan.fileno(), self._drain, chan, f"{role}{queue}")
 
@@ -372,6 +380,7 @@ async def run_control(spec):
         )
         await side.cleanup()
         return EXIT_SETUP
+    side.listen_workers()
     loop.add_signal_handler(signal.SIGHUP, side.on_sighup)
     if hup_pending:
         side.on_sighup()

@@ -30,6 +30,8 @@ RESOLVE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 SILENT_HOST_S = 30.0
 PAIR_RETRY_S = 5.0
 NETWORK_SCAN_S = 2.0
+# A host hello this long after our own is not an answer to it: answer it.
+HELLO_ANSWER_AFTER_S = 1.0
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 
@@ -283,6 +285,11 @@ class VmSide(Side):
         old = self.host_hello
         changed = old is None or old[:4] != hello[:4]
         self.host_hello, self.host_hello_at = hello, now
+        if now - self.last_hello >= HELLO_ANSWER_AFTER_S:
+            # Not the answer to ours: a host that restarted or changed its
+            # mind asks what we can do. Its answers to ours come within
+            # milliseconds, so the two never bounce hellos back and forth.
+            self.send_hello(now)
         if changed:
             log.info("host is fastfwd version=%d caps=%#x", hello.version, hello.caps)
             self.send_framing()

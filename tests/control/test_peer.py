@@ -45,11 +45,36 @@ def test_peer_survives_a_restart_through_the_state_file(tmp_path):
     path = tmp_path / "state"
     t = PeerTracker(str(path))
     t.heard(A, 1.0)
-    assert json.loads(path.read_text()) == {"peer": list(A)}
+    assert json.loads(path.read_text()) == {"peer": list(A), "hello": None}
     restarted = PeerTracker(str(path))
     assert restarted.load(50.0) == A
     assert not restarted.heard(B, 51.0)  # the restored peer gets its grace
     assert restarted.peer == A
+
+
+def test_what_the_peer_said_survives_a_restart_and_not_a_new_peer(tmp_path):
+    path = tmp_path / "state"
+    t = PeerTracker(str(path))
+    t.heard(A, 1.0)
+    t.info = {"caps": 0x17, "mtu": 1400, "ports": [A[1]], "networks": []}
+    t.save()
+    restarted = PeerTracker(str(path))
+    assert restarted.load(50.0) == A
+    assert restarted.info == t.info
+    restarted.heard((A[0], A[1] + 1), 50.5)  # the VM side restarted too
+    assert restarted.info is None
+    assert PeerTracker(str(path)).load(60.0) and json.loads(path.read_text())[
+        "hello"
+    ] is None
+
+
+def test_a_peer_heard_in_this_run_is_not_replaced_by_the_state_file(tmp_path):
+    path = tmp_path / "state"
+    PeerTracker(str(path)).heard(A, 1.0)
+    t = PeerTracker(str(path))
+    t.heard(B, 2.0)  # heard before the state file was read
+    assert t.load(3.0) is None
+    assert t.peer == B and t.confirmed
 
 
 def test_corrupt_state_file_is_ignored(tmp_path):

@@ -78,12 +78,17 @@ def test_killed_worker_is_restarted_and_forwarding_resumes(lab, tunnel):
 
 def test_killed_control_process_is_restarted_without_losing_routes(lab, tunnel):
     old = _pid(tunnel, "host", "control")
-    routes = tunnel.status("host")["routes"]
+    before = tunnel.status("host")
+    assert before["framing"] == "offload", before
     os.kill(old, signal.SIGKILL)
     assert wait_for(lambda: _pid(tunnel, "host", "control") != old, 20), tunnel.logs()
-    assert tunnel.status("host")["routes"] == routes
-    assert tunnel.status("host")["peer"]
-    assert ping(lab, lab.containers[1].ip)
+    after = tunnel.status("host")
+    # The same peer in the same framing: nothing changed on the wire.
+    for key in ("routes", "peer", "framing"):
+        assert after[key] == before[key], (key, tunnel.logs())
+    assert ping(lab, lab.containers[1].ip), tunnel.logs()
+    with open(tunnel.host_log, encoding="utf-8") as f:
+        assert "framing=compat" not in f.read(), tunnel.logs()
 
 
 def test_killed_vm_side_leaves_rules_that_the_next_start_purges(lab, tmp_path):
