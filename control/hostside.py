@@ -129,6 +129,7 @@ class HostSide(Side):
         await self.proxies.apply(self.cfg.proxies)
         self.names.configure(self.cfg.hosts, self.cfg.host_ip)
         await self.expose.apply()
+        self.announce_restored_peer()
         if self.spec.get("config"):
             self.save_snapshot()
             self.watch_task = self.loop.create_task(
@@ -186,7 +187,7 @@ class HostSide(Side):
     def restore_peer(self, now):
         """The previous control process's peer, from the state file, in
         the framing its last hello asked for: a restart of this process
-        changes nothing on the wire."""
+        changes nothing on the wire. Its networks count for the routes."""
         peer = self.peer.load(now)
         if peer is None:
             return
@@ -194,10 +195,16 @@ class HostSide(Side):
         self.peer_hello_at = now
         if self.peer_hello is not None and self.peer_hello.caps & frames.CAP_NETWORKS:
             self.docker_networks = {n for n in self.peer_hello.networks if routable(n)}
+
+    def announce_restored_peer(self):
+        """Once set up: tell the workers and the restored peer."""
+        if self.peer.peer is None:
+            return
         self.send_peer()
         self.push_controls()
         if self.peer_hello is not None:
-            self.send_hello(peer)  # it answers, which confirms what it can do
+            # It answers, which confirms what it can do.
+            self.send_hello(self.peer.peer)
 
     def on_unknown_source(self, src):
         """IP packets from a stranger: a peer whose address changed under NAT
