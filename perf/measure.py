@@ -152,7 +152,9 @@ def ping_under_load(lab, target_ns, target_ip, seconds, client_ns=None):
 
 
 class Usage:
-    """CPU (percent of one core) and memory of a set of processes over a span."""
+    """CPU (percent of one core) and memory of a set of processes over a
+    span, per side and per process (user and system time apart), with the
+    machine's split of its CPU time over the same span."""
 
     def __init__(self, pids_by_side):
         self.procs = {}
@@ -160,9 +162,10 @@ class Usage:
             for pid in pids:
                 try:
                     p = psutil.Process(pid)
-                    self.procs.setdefault(side, []).append((p, _cpu(p)))
+                    self.procs.setdefault(side, []).append((p, p.cpu_times()))
                 except psutil.Error:
                     pass
+        self.machine = psutil.cpu_times()
         self.started = time.monotonic()
 
     def finish(self):
@@ -170,19 +173,41 @@ class Usage:
         out = {}
         for side, entries in self.procs.items():
             cpu = pss = 0.0
+            each = {}
             for p, before in entries:
                 try:
-                    cpu += _cpu(p) - before
-                    pss += _pss(p)
+                    now, name, mem = p.cpu_times(), p.name(), _pss(p)
                 except psutil.Error:
-                    pass
-            out[side] = {"cpu_pct": 100.0 * cpu / elapsed, "pss_mb": pss / 1e6}
+                    continue
+                user, system = now.user - before.user, now.system - before.system
+                cpu += user + system
+                pss += mem
+                key, i = name, 2
+                while key in each:  # two processes of one name (socat, openvpn)
+                    key, i = f"{name}#{i}", i + 1
+                each[key] = {
+                    "user_pct": 100.0 * user / elapsed,
+                    "system_pct": 100.0 * system / elapsed,
+                    "pss_mb": mem / 1e6,
+                }
+            out[side] = {
+                "cpu_pct": 100.0 * cpu / elapsed,
+                "pss_mb": pss / 1e6,
+                "processes": each,
+            }
+        out["machine"] = machine_split(self.machine, psutil.cpu_times())
         return out
 
 
-def _cpu(p):
-    t = p.cpu_times()
-    return t.user + t.system
+def machine_split(before, after):
+    """Where the machine's CPU time went between two ``psutil.cpu_times()``:
+    percent of all cores in user, system, softirq and idle."""
+    fields = [f for f in ("user", "system", "softirq", "idle") if hasattr(after, f)]
+    spent = {f: getattr(after, f) - getattr(before, f) for f in fields}
+    # guest time is counted in user time already
+    counted = [f for f in after._fields if not f.startswith("guest")]
+    total = sum(getattr(after, f) - getattr(before, f) for f in counted) or 1.0
+    return {f"{f}_pct": 100.0 * v / total for f, v in spent.items()}
 
 
 def _pss(p):

@@ -55,6 +55,30 @@ def table(doc):
     return "\n".join(lines)
 
 
+def cpu_table(doc):
+    """Per path, where the CPU went during TCP 1 up: each process's user
+    and system time (percent of one core) and the machine's split (percent
+    of all cores)."""
+    lines = []
+    for name, r in doc["results"].items():
+        load = _get(r, "load")
+        if not isinstance(load, dict):
+            continue
+        procs = []
+        for side in ("host", "vm", "access"):
+            for proc, v in (_get(load, side, "processes") or {}).items():
+                user, system = _get(v, "user_pct"), _get(v, "system_pct")
+                if user is None or system is None or user + system < 0.5:
+                    continue  # idle helpers (control processes) left out
+                procs.append(f"{side}:{proc} {user:.0f}+{system:.0f}")
+        m = _get(load, "machine") or {}
+        split = "/".join(
+            _fmt(m.get(f"{k}_pct"), ".0f") for k in ("user", "system", "softirq", "idle")
+        )
+        lines.append(f"{name:22} machine {split:>12}   " + ", ".join(procs))
+    return "\n".join(lines)
+
+
 def markdown(doc, text_table):
     env = doc["environment"]
     out = [
@@ -73,6 +97,18 @@ def markdown(doc, text_table):
         "```",
         "",
     ]
+    cpu = cpu_table(doc)
+    if cpu:
+        out += [
+            "CPU during TCP 1 up: the machine's user/system/softirq/idle in percent",
+            "of all cores, then each working process's user+system time in percent",
+            "of one core (processes under 0.5 % left out).",
+            "",
+            "```",
+            cpu,
+            "```",
+            "",
+        ]
     return "\n".join(out)
 
 
