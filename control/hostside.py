@@ -53,7 +53,11 @@ class HostSide(Side):
         self.mtu_warned = None
         self.gone_pairs = set()  # pairs connected earlier in this run, now not
         self.docker_networks = set()  # bridge networks the VM side reported
-        self.last_auth_ms = 0  # time stamp of the newest signed hello accepted
+        # Time stamp of the newest signed hello accepted. A new control
+        # process starts at its own clock: hellos signed before it started,
+        # replays among them, are refused (the peer answers the hello it
+        # is asked for with a fresh one).
+        self.last_auth_ms = int(time.time() * 1000)
         self.next_repair = 0.0
         self.closing = False
         self.rejected_hellos = 0
@@ -202,9 +206,10 @@ class HostSide(Side):
             return
         self.send_peer()
         self.push_controls()
-        if self.peer_hello is not None:
-            # It answers, which confirms what it can do.
-            self.send_hello(self.peer.peer)
+        if self.peer.info is not None:
+            # A fastfwd peer (it said hello before): ask it to say what it
+            # can do now. An upstream one is never sent a hello.
+            self.send_hello(self.peer.peer, ask=True)
 
     def on_unknown_source(self, src):
         """IP packets from a stranger: a peer whose address changed under NAT
@@ -296,7 +301,7 @@ class HostSide(Side):
             if self.cfg.docker_routes:
                 self.loop.create_task(self.reconcile_routes())
 
-    def send_hello(self, dst):
+    def send_hello(self, dst, ask=False):
         """The host's hello: an answer to the VM side's, or news (it stopped
         taking GSO frames)."""
         our_caps = 0
@@ -304,6 +309,8 @@ class HostSide(Side):
             our_caps = frames.CAP_OFFLOAD
             if self.gso_frames_ok:
                 our_caps |= frames.CAP_GSO_FRAMES
+        if ask:
+            our_caps |= frames.HELLO_ASK
         try:
             reply = frames.Hello(frames.HELLO_VERSION, our_caps, self.cfg.mtu)
             self.socks[0].sendto(frames.encode_hello(reply, self.secret), dst)
@@ -348,6 +355,8 @@ class HostSide(Side):
         if self.peer_hello is not None and now - self.peer_hello_at > HELLO_LEASE_S:
             log.info("peer stopped saying hello, back to the upstream format")
             self.peer_hello = None
+            self.peer.info = None  # a restart must not bring it back
+            self.peer.save()
             self.send_peer()
             if self.docker_networks:
                 self.docker_networks = set()
@@ -622,19 +631,31 @@ def _hello_info(hello):
 
 def _hello_from_info(info):
     """A hello rebuilt from :func:`_hello_info`; None if there is none or
-    it does not make sense."""
-    if not info:
+    it is not one a peer could have sent (the state file may have been
+    edited by hand)."""
+
+    def whole(v, low, high):
+        if type(v) is not int or not low <= v <= high:
+            raise ValueError(f"{v!r} not in {low}..{high}")
+        return v
+
+    if not isinstance(info, dict):
         return None
     try:
-        hello = frames.Hello(
+        ports, networks = info["ports"], info["networks"]
+        if not isinstance(ports, list) or len(ports) > frames.MAX_HELLO_PORTS:
+            raise ValueError("ports")
+        if not isinstance(networks, list) or len(networks) > frames.MAX_HELLO_NETWORKS:
+            raise ValueError("networks")
+        return frames.Hello(
             frames.HELLO_VERSION,
-            int(info["caps"]),
-            int(info["mtu"]),
-            ports=tuple(int(p) for p in info["ports"]),
-            networks=tuple(str(ipaddress.IPv4Network(n)) for n in info["networks"]),
+            whole(info["caps"], 0, 0xFFFF),
+            whole(info["mtu"], 576, 65535),
+            ports=tuple(whole(p, 1, 65535) for p in ports),
+            networks=tuple(
+                str(ipaddress.IPv4Network(n)) for n in networks if isinstance(n, str)
+            ),
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("peer's hello in the state file ignored reason=%s", exc)
         return None
-    if not 576 <= hello.mtu <= 65535 or not all(0 < p < 65536 for p in hello.ports):
-        return None
-    return hello

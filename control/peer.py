@@ -14,6 +14,7 @@ said (capabilities, ports, networks), so a restarted host control process
 sends to it in the same framing before the next heartbeat arrives.
 """
 
+import ipaddress
 import json
 import logging
 import os
@@ -115,7 +116,10 @@ class PeerTracker:
         try:
             with open(self.state_path, encoding="utf-8") as f:
                 data = json.load(f)
-            peer = (str(data["peer"][0]), int(data["peer"][1]))
+            ip, port = data["peer"]
+            if type(port) is not int or not 0 < port < 65536 or type(ip) is not str:
+                raise ValueError(f"peer {ip!r}:{port!r} is not an address")
+            peer = (str(ipaddress.IPv4Address(ip)), port)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:

@@ -146,8 +146,8 @@ class Side:
         if framing == "offload" and peer_caps & frames.CAP_GSO_FRAMES and addrs:
             try:
                 seg = linux.udp_payload_limit(addrs[0])
-            except OSError as exc:
-                log.debug("path MTU unknown errno=%s", exc.errno)
+            except (OSError, OverflowError, ValueError) as exc:
+                log.debug("path MTU unknown reason=%s", exc)
         label = framing if not seg else f"{framing}+gso-frames"
         if label != self.framing_label:
             log.info("framing changed framing=%s segment_bytes=%d", framing, seg)

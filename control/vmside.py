@@ -30,8 +30,8 @@ RESOLVE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
 SILENT_HOST_S = 30.0
 PAIR_RETRY_S = 5.0
 NETWORK_SCAN_S = 2.0
-# A host hello this long after our own is not an answer to it: answer it.
-HELLO_ANSWER_AFTER_S = 1.0
+# A host that asks for a hello gets one at most this often.
+HELLO_ANSWER_S = 1.0
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
 
@@ -51,6 +51,7 @@ class VmSide(Side):
         self.host_hello = None  # (version, caps, mtu, ports) of a fastfwd host
         self.host_hello_at = 0.0
         self.last_hello = 0.0
+        self.last_answer = -HELLO_ANSWER_S  # the last hello a host asked for
         self.mtu_warned = None
         self.networks = set()  # bridge networks, reported to a fastfwd host
         self.closing = False  # teardown started: no more rule changes
@@ -282,14 +283,16 @@ class VmSide(Side):
                 hello.mtu,
                 self.mtu,
             )
+        if hello.caps & frames.HELLO_ASK:
+            hello = hello._replace(caps=hello.caps & ~frames.HELLO_ASK)
+            if now - self.last_answer >= HELLO_ANSWER_S:
+                # A restarted host asks what we can do. It never asks in an
+                # answer, so hellos do not bounce.
+                self.last_answer = now
+                self.send_hello(now)
         old = self.host_hello
         changed = old is None or old[:4] != hello[:4]
         self.host_hello, self.host_hello_at = hello, now
-        if now - self.last_hello >= HELLO_ANSWER_AFTER_S:
-            # Not the answer to ours: a host that restarted or changed its
-            # mind asks what we can do. Its answers to ours come within
-            # milliseconds, so the two never bounce hellos back and forth.
-            self.send_hello(now)
         if changed:
             log.info("host is fastfwd version=%d caps=%#x", hello.version, hello.caps)
             self.send_framing()

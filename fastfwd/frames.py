@@ -45,7 +45,12 @@ CAP_AUTH = 0x0008  # an authentication trailer follows (shared secret)
 # one frame into MTU-sized datagrams, no IP fragmentation) and receives
 # them whole through UDP_GRO; withdrawn when its path splits them.
 CAP_GSO_FRAMES = 0x0010
+# Not a capability: a host hello with this bit asks the VM side for its
+# hello now (a restarted host control process learning what it can do).
+# Only such hellos are answered, so hellos never bounce back and forth.
+HELLO_ASK = 0x0020
 MAX_HELLO_NETWORKS = 200
+MAX_HELLO_PORTS = 255
 _HELLO = struct.Struct("!B4sBHHIBB")
 _NET = struct.Struct("!4sB")
 # Authentication trailer: milliseconds since the epoch, then the first 16
@@ -189,7 +194,7 @@ def encode_hello(hello, secret=None, now_ms=None):
     fit); with ``secret`` (bytes) it is signed, see :data:`CAP_AUTH`."""
     if secret:
         hello = hello._replace(caps=hello.caps | CAP_AUTH)
-    ports = list(hello.ports)[:255]
+    ports = list(hello.ports)[:MAX_HELLO_PORTS]
     nets = [ipaddress.IPv4Network(n) for n in list(hello.networks)[:MAX_HELLO_NETWORKS]]
     head = _HELLO.pack(
         HELLO, HELLO_MAGIC, HELLO_VERSION, hello.caps, hello.mtu,

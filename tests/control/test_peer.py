@@ -77,6 +77,15 @@ def test_a_peer_heard_in_this_run_is_not_replaced_by_the_state_file(tmp_path):
     assert t.peer == B and t.confirmed
 
 
+def test_a_stored_peer_that_is_no_address_is_ignored(tmp_path):
+    path = tmp_path / "state"
+    for peer in (["10.0.0.2", 70000], ["10.0.0.2", 0], ["10.0.0.2", "1"],
+                 [167772162, 4000], ["10.0.0.300", 4000], ["10.0.0.2"]):  # fmt: skip
+        path.write_text(json.dumps({"peer": peer, "hello": None}))
+        t = PeerTracker(str(path))
+        assert t.load(1.0) is None and t.peer is None, peer
+
+
 def test_corrupt_state_file_is_ignored(tmp_path):
     path = tmp_path / "state"
     path.write_text("{not json")
@@ -98,3 +107,33 @@ def test_confirmed_peer_does_not_give_way_to_another_port():
     t.heard(A, 1.0)
     assert not t.heard((A[0], A[1] + 1), 2.0)
     assert t.peer == A
+
+
+def test_a_stored_hello_is_taken_only_as_a_peer_could_have_sent_it():
+    from control.hostside import _hello_from_info, _hello_info
+    from fastfwd import frames
+
+    good = {"caps": 0x17, "mtu": 1400, "ports": [40000], "networks": ["172.18.0.0/16"]}
+    hello = _hello_from_info(good)
+    assert (hello.caps, hello.mtu, hello.ports, hello.networks) == (
+        0x17, 1400, (40000,), ("172.18.0.0/16",)
+    )  # fmt: skip
+    assert _hello_info(hello) == good
+    bad = [
+        {**good, "caps": float("inf")},
+        {**good, "caps": 1e999},
+        {**good, "caps": True},
+        {**good, "caps": 1 << 20},
+        {**good, "mtu": 100},
+        {**good, "mtu": "1400"},
+        {**good, "ports": [70000]},
+        {**good, "ports": list(range(1, frames.MAX_HELLO_PORTS + 2))},
+        {**good, "ports": "40000"},
+        {**good, "networks": ["not a network"]},
+        {**good, "networks": [f"10.{i // 256}.{i % 256}.0/24" for i in range(2000)]},
+        {k: v for k, v in good.items() if k != "mtu"},
+        ["caps", 1],
+        None,
+    ]
+    for info in bad:
+        assert _hello_from_info(info) is None, info

@@ -182,6 +182,46 @@ def test_vm_side_serves_an_upstream_host(lab, tmp_path, fake_host):
         t.stop()
 
 
+def test_vm_side_answers_a_host_hello_only_when_asked(lab, tmp_path, fake_host):
+    from fastfwd import frames
+
+    t = Tunnel(lab, tmp_path / "t")
+    t.start_vm()
+
+    def hellos_within(seconds):
+        got, end = [], time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            try:
+                data, _ = recv(fake_host, left)
+            except TimeoutError:
+                break
+            if data[:1] == bytes([frames.HELLO]):
+                got.append(time.monotonic())
+        return got
+
+    try:
+        while True:  # the hello with its networks: the next one is 5 s away
+            data, vm_addr = recv(fake_host, 10)
+            hello = frames.decode_hello(data)
+            if hello and len(hello.networks) == len(lab.bridges):
+                break
+        plain = frames.encode_hello(frames.Hello(1, frames.CAP_OFFLOAD, 1400))
+        ask = frames.encode_hello(
+            frames.Hello(1, frames.CAP_OFFLOAD | frames.HELLO_ASK, 1400)
+        )
+        time.sleep(1.2)  # long after its own hello
+        fake_host.sendto(plain, vm_addr)  # still an answer: not answered
+        assert hellos_within(1.5) == [], t.logs()
+        sent = time.monotonic()
+        fake_host.sendto(ask, vm_addr)
+        fake_host.sendto(ask, vm_addr)  # a second ask at once: one answer
+        answers = hellos_within(1.0)
+        assert len(answers) == 1 and answers[0] - sent < 0.5, t.logs()
+        assert wait_for(lambda: t.status("vm")["framing"] == "offload"), t.logs()
+    finally:
+        t.stop()
+
+
 def test_vm_side_waits_for_an_unresolvable_host_and_connects_when_it_resolves(
     lab, tmp_path, fake_host
 ):

@@ -1,5 +1,6 @@
 """The process tree: privileges, crashes and restarts, in the lab."""
 
+import json
 import os
 import signal
 import sys
@@ -89,6 +90,43 @@ def test_killed_control_process_is_restarted_without_losing_routes(lab, tunnel):
     assert ping(lab, lab.containers[1].ip), tunnel.logs()
     with open(tunnel.host_log, encoding="utf-8") as f:
         assert "framing=compat" not in f.read(), tunnel.logs()
+
+
+def test_a_hello_that_lapsed_does_not_come_back_with_a_control_restart(lab, tmp_path):
+    t = Tunnel(lab, tmp_path / "t")
+    t.start()
+    try:
+        assert t.status("host")["framing"] == "offload"
+        t.stop_vm(signal.SIGKILL)  # silent from now on
+        assert wait_for(lambda: t.status("host")["framing"] == "compat", 25), t.logs()
+        with open(t.state, encoding="utf-8") as f:
+            assert json.load(f)["hello"] is None
+        old = _pid(t, "host", "control")
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: _pid(t, "host", "control") != old, 20), t.logs()
+        status = t.status("host")
+        assert (status["framing"], status["peer_mtu"]) == ("compat", None), t.logs()
+    finally:
+        t.stop()
+
+
+def test_a_state_file_edited_by_hand_does_not_stop_the_host(lab, tmp_path):
+    t = Tunnel(lab, tmp_path / "t")
+    os.makedirs(os.path.dirname(t.state), exist_ok=True)
+    with open(t.state, "w", encoding="utf-8") as f:
+        # Valid JSON, nonsense values: a port out of range, an infinite cap.
+        f.write('{"peer": ["198.18.0.2", 70000], "hello": {"caps": 1e999, '
+                '"mtu": 1400, "ports": [70000], "networks": []}}')  # fmt: skip
+    t.start()
+    try:
+        assert wait_for(lambda: t.status("host")["framing"] == "offload"), t.logs()
+        assert ping(lab, lab.containers[0].ip), t.logs()
+        with open(t.state, encoding="utf-8") as f:
+            assert json.load(f)["peer"][1] != 70000
+    finally:
+        t.stop()
+    with open(t.host_log, encoding="utf-8") as f:
+        assert "state file ignored" in f.read()
 
 
 def test_killed_vm_side_leaves_rules_that_the_next_start_purges(lab, tmp_path):

@@ -86,3 +86,41 @@ def test_a_vm_side_with_the_wrong_secret_is_never_the_peer(lab, tmp_path):
         )
     finally:
         t.stop()
+
+
+def test_a_signed_hello_from_before_a_control_restart_is_refused_after_it(
+    lab, tmp_path
+):
+    from fastfwd import frames
+
+    t = start(lab, tmp_path, SECRET)
+    replayer = socket_in(lab.vm_ns)
+    try:
+        t.wait_ready()
+        peer = t.status("host")["peer"]
+        replayer.bind(("0.0.0.0", 0))
+        # What a capture of the VM side's hello would hold: signed a moment
+        # before the restart, within the clock window, never accepted yet.
+        old_hello = frames.encode_hello(
+            frames.Hello(1, frames.CAP_OFFLOAD, 1400),
+            SECRET.encode(),
+            now_ms=int(time.time() * 1000) - 500,
+        )
+        control = next(
+            p["pid"] for p in t.status("host")["processes"] if p["name"] == "control"
+        )
+        os.kill(control, 9)
+        replayer.sendto(old_hello, (str(lab.host_ip), 2511))  # waits in the queue
+
+        def restarted():
+            procs = t.status("host")["processes"]
+            return next(p["pid"] for p in procs if p["name"] == "control") != control
+
+        assert wait_for(restarted, 20), t.logs()
+        time.sleep(1)
+        status = t.status("host")
+        assert status["peer"] == peer, t.logs()
+        assert status["rejected_hellos"] >= 1, t.logs()
+    finally:
+        replayer.close()
+        t.stop()
