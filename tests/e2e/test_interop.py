@@ -155,7 +155,8 @@ def test_vm_side_serves_an_upstream_host(lab, tmp_path, fake_host):
                 if f"-i {b1.name} -o {b2.name}" in line or f"-i {b2.name} -o {b1.name}" in line
             ]  # fmt: skip
 
-        assert len(wait_for(pair_rules)) == 2, t.logs()
+        # Both rules (the two inserts are not one step: wait for both).
+        assert wait_for(lambda: len(pair_rules()) == 2), (pair_rules(), t.logs())
 
         # A raw packet from the host reaches the container; its reply comes back.
         target = str(lab.containers[0].ip)
