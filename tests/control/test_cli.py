@@ -109,3 +109,34 @@ def test_docker_image_entrypoint_is_the_connect_command():
     assert "connect" in cli.COMMANDS
     for copied in ("fastfwd", "control", "pyproject.toml"):
         assert f"COPY {copied}" in dockerfile or f" {copied} " in dockerfile
+
+
+def test_what_the_dockerfile_copies_is_a_package_pip_can_build(tmp_path):
+    """The image's /src, laid out as the Dockerfile's COPY lines do, builds
+    (no Docker engine needed: the same files, the same pip)."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[2]
+    src = tmp_path / "src"
+    src.mkdir()
+    for line in (root / "docker" / "Dockerfile").read_text().splitlines():
+        if not line.startswith("COPY "):
+            continue
+        *sources, dest = line.split()[1:]
+        for name in sources:
+            target = src / name if dest.endswith("/") else tmp_path / dest.lstrip("/")
+            if (root / name).is_dir():
+                shutil.copytree(root / name, target, ignore=shutil.ignore_patterns("results"))
+            else:
+                shutil.copy(root / name, target)
+    # setuptools' build step, as `pip install /src` runs it (offline).
+    res = subprocess.run(
+        [sys.executable, "-c", "import setuptools; setuptools.setup()",
+         "build_py", "--build-lib", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, cwd=src,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "out" / "control" / "cli.py").exists()
