@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 REPAIR_INTERVAL_S = 2.0
 # Signed hellos are accepted within this distance of the host's clock.
 HELLO_CLOCK_SKEW_MS = 60_000
+AUTH_WARNING_INTERVAL_S = 60.0
 
 
 class HostSide(Side):
@@ -61,6 +62,7 @@ class HostSide(Side):
         self.next_repair = 0.0
         self.closing = False
         self.rejected_hellos = 0
+        self.next_auth_warning = 0.0
         self.names = HostsNames(spec.get("config"), self.push_controls)
         self.expose = ExposeServer(self)
 
@@ -232,7 +234,16 @@ class HostSide(Side):
         now_ms = int(time.time() * 1000)
         if not hello.authentic:
             self.rejected_hellos += 1
-            log.debug("unsigned or wrongly signed hello ignored src=%s", src)
+            now = time.monotonic()
+            if now >= self.next_auth_warning:
+                # Once a minute at most: a VM side without the secret, or
+                # with another one, would otherwise fail in silence.
+                self.next_auth_warning = now + AUTH_WARNING_INTERVAL_S
+                log.warning(
+                    "hello without a valid signature ignored src=%s:%d rejected=%d: "
+                    "does the VM side have the same secret?",
+                    src[0], src[1], self.rejected_hellos,
+                )  # fmt: skip
             return False
         if (
             abs(now_ms - hello.auth_ms) > HELLO_CLOCK_SKEW_MS

@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 
+from fastfwd.errors import TransportError
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 1 << 20
@@ -22,7 +24,10 @@ async def serve(path, handler):
     """Listen on ``path``; ``handler(request) -> reply`` is a coroutine."""
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    remove(path)
+    if in_use(path):
+        # Started meanwhile (the command line checked before set-up).
+        raise TransportError(f"control socket {path} is in use by a running fastfwd")
+    remove(path)  # left by a process that died
 
     async def on_client(reader, writer):
         try:
@@ -65,6 +70,34 @@ async def serve(path, handler):
         os.umask(old)
     os.chmod(path, 0o600)
     return server
+
+
+def in_use(path):
+    """Whether a running instance answers at ``path`` (a file left by one
+    that died does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+def inode(path):
+    """The identity of the socket file at ``path``, for :func:`remove_own`
+    (inode numbers are reused, so with the time the file was made)."""
+    st = os.stat(path)
+    return (st.st_ino, st.st_ctime_ns)
+
+
+def remove_own(path, ino):
+    """Remove ``path`` only if it is still the socket file ``ino`` (not one
+    another instance bound since)."""
+    try:
+        if inode(path) == ino:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def remove(path):

@@ -385,14 +385,23 @@ async def run_control(spec):
     if hup_pending:
         side.on_sighup()
     if spec.get("socket"):
-        side.local = await localsock.serve(spec["socket"], side.on_local_request)
+        try:
+            side.local = await localsock.serve(spec["socket"], side.on_local_request)
+            local_inode = localsock.inode(spec["socket"])
+        except FastfwdError as exc:
+            log.error("set-up failed reason=%s", exc)
+            side.to_supervisor(
+                messages.pack(messages.FATAL, reason=str(exc), exit_code=exc.exit_code)
+            )
+            await side.teardown()
+            return exc.exit_code
     side.to_supervisor(messages.pack(messages.READY))
     ticks = loop.create_task(side.run_ticks())
     await side.stopped
     ticks.cancel()
     if side.local is not None:
         side.local.close()
-        localsock.remove(spec["socket"])
+        localsock.remove_own(spec["socket"], local_inode)
     await side.teardown()
     return 0
 

@@ -17,7 +17,7 @@ import os
 import secrets
 import subprocess
 
-ENABLE_HINT = "run the tests as root: sudo python3 -m pytest tests"
+ENABLE_HINT = "run the tests as root: sudo ./scripts/test"
 
 
 def in_ci() -> bool:

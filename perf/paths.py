@@ -119,9 +119,15 @@ class Fastfwd(Path):
         self.tunnel.stop()
 
     def pids(self):
+        """Every process of each side, the supervisor included (``status``
+        lists the control process and the workers; the supervisor is the
+        process the side was started as)."""
         out = {}
+        procs = {"host": self.tunnel.host_proc, "vm": self.tunnel.vm_proc}
         for side in ("host", "vm"):
-            out[side] = [p["pid"] for p in self.tunnel.status(side)["processes"]]
+            out[side] = [procs[side].pid] + [
+                p["pid"] for p in self.tunnel.status(side)["processes"]
+            ]
         return out
 
 
@@ -164,7 +170,9 @@ class FastfwdAccessor(Fastfwd):
 
     def pids(self):
         out = super().pids()
-        out["access"] = [p["pid"] for p in self.tunnel.status("access")["processes"]]
+        out["access"] = [self.tunnel.access_proc.pid] + [
+            p["pid"] for p in self.tunnel.status("access")["processes"]
+        ]
         return out
 
     def client_ns(self, lab):

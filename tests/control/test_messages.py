@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from control import messages
@@ -56,3 +58,28 @@ def test_data_plane_imports_only_the_schema_from_control():
             if isinstance(node, ast.Import):
                 for a in node.names:
                     assert not a.name.startswith("control"), path
+
+
+def test_a_stopping_instance_removes_only_its_own_control_socket(tmp_path):
+    import socket
+
+    from control import localsock
+
+    path = str(tmp_path / "c.sock")
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    first.bind(path)
+    first.listen()
+    assert localsock.in_use(path)
+    mine = localsock.inode(path)
+    first.close()
+    assert not localsock.in_use(path)  # a file left by a dead instance
+    os.unlink(path)
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    second.bind(path)  # another instance's socket at the same path
+    try:
+        localsock.remove_own(path, mine)
+        assert os.path.exists(path)
+        localsock.remove_own(path, localsock.inode(path))
+        assert not os.path.exists(path)
+    finally:
+        second.close()

@@ -177,6 +177,23 @@ def test_a_second_instance_on_the_same_device_is_refused(lab, tunnel, tmp_path):
     assert ping(lab, lab.containers[0].ip)
 
 
+def test_a_second_instance_on_the_same_control_socket_is_refused(lab, tunnel, tmp_path):
+    conf = tmp_path / "second.conf"
+    conf.write_text(
+        f"host {lab.host_ip}\nport 2600\nsocket {tunnel.host_socket}\n"
+        f"state {tmp_path}/2.state\naddr 192.168.250.2/24\n"
+    )
+    res = fastfwd_in(lab, lab.host_ns, "run", "-c", conf, "--dev", "ffsecond0")
+    assert res.returncode == 3, res.stderr
+    assert "in use by a running fastfwd" in res.stderr
+    assert "ffsecond0" not in lab.run(lab.host_ns, "ip", "link").stdout
+    assert tunnel.status("host")["peer"]  # the first one is still reachable
+    res = fastfwd_in(lab, lab.vm_ns, "connect", "-host", lab.host_ip,
+                     "--socket", tunnel.vm_socket, "--dev", "ffsecond0")  # fmt: skip
+    assert res.returncode == 3 and "in use" in res.stderr, res.stderr
+    assert tunnel.status("vm")["host"]
+
+
 def test_control_process_killed_twice_in_a_row_is_still_restarted(lab, tunnel):
     first = _pid(tunnel, "host", "control")
     os.kill(first, signal.SIGKILL)

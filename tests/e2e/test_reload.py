@@ -111,6 +111,9 @@ def test_config_command_applies_saves_and_refuses_cleanly(lab, tmp_path):
         assert kernel_routes(lab) == [b1]
         assert f"route {b2}" not in open(t.config).read()
 
+        res = cli("")  # no line at all: usage, like a bad line
+        assert res.returncode == 2 and "no configuration line" in res.stderr
+
         res = cli(f"route {b2}")
         assert res.returncode == 0, res.stderr
         assert wait_for(lambda: kernel_routes(lab) == sorted([b1, b2]))

@@ -73,6 +73,9 @@ def test_a_vm_side_with_the_wrong_secret_is_never_the_peer(lab, tmp_path):
         assert wait_for(lambda: t.status("host")["rejected_hellos"] > 0, 10), t.logs()
         time.sleep(1)
         assert t.status("host")["peer"] is None
+        with open(t.host_log, encoding="utf-8") as f:
+            warnings = [line for line in f if "same secret?" in line]
+        assert len(warnings) == 1, t.logs()  # said once, not per hello
         assert (
             lab.run(
                 lab.host_ns,
