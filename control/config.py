@@ -222,7 +222,13 @@ def _apply(cfg, directive, args):
                 break
         else:
             raise ValueError(f"iptables {spec!r}: expected A+B or A-B")
-        a, b = _subnet_address(a), _subnet_address(b)
+        try:
+            a, b = _subnet_address(a), _subnet_address(b)
+        except ValueError as exc:
+            raise ValueError(
+                f"iptables {spec!r}: expected A+B or A-B with two subnet "
+                f"addresses, e.g. 172.18.0.0+172.19.0.0 ({exc})"
+            ) from None
         if a == b:
             raise ValueError(f"iptables {spec!r}: both sides are the same subnet")
         key = (str(a), str(b))

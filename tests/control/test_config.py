@@ -159,3 +159,10 @@ def test_exposed_routes_must_fit_the_upstream_login_answer():
         parse(many + "\n")
     assert "login answer" in err.value.problems[0][2]
     parse("\n".join(f"route 10.{i}.0.0/16 expose" for i in range(60)) + "\n")
+
+
+def test_a_half_iptables_pair_names_the_expected_form():
+    with pytest.raises(ConfigError) as err:
+        parse("iptables 172.18.0.0+\n")
+    ((_, line, reason),) = err.value.problems
+    assert line == 1 and "expected A+B or A-B" in reason and "172.18.0.0+172.19" in reason
