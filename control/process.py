@@ -362,24 +362,24 @@ async def run_control(spec):
         await side.cleanup()
         return 0
     side.listen()
+
+    async def failed(reason, exit_code, undo):
+        """Set-up failed: tell the supervisor (which exits with the code)
+        and undo what was made."""
+        side.to_supervisor(
+            messages.pack(messages.FATAL, reason=reason, exit_code=exit_code)
+        )
+        await undo()
+        return exit_code
+
     try:
         await side.setup()
     except FastfwdError as exc:
         log.error("set-up failed reason=%s", exc)
-        side.to_supervisor(
-            messages.pack(messages.FATAL, reason=str(exc), exit_code=exc.exit_code)
-        )
-        await side.cleanup()
-        return exc.exit_code
+        return await failed(str(exc), exc.exit_code, side.cleanup)
     except Exception as exc:
         log.exception("set-up failed")
-        side.to_supervisor(
-            messages.pack(
-                messages.FATAL, reason=f"set-up failed: {exc}", exit_code=EXIT_SETUP
-            )
-        )
-        await side.cleanup()
-        return EXIT_SETUP
+        return await failed(f"set-up failed: {exc}", EXIT_SETUP, side.cleanup)
     side.listen_workers()
     loop.add_signal_handler(signal.SIGHUP, side.on_sighup)
     if hup_pending:
@@ -390,11 +390,7 @@ async def run_control(spec):
             local_inode = localsock.inode(spec["socket"])
         except FastfwdError as exc:
             log.error("set-up failed reason=%s", exc)
-            side.to_supervisor(
-                messages.pack(messages.FATAL, reason=str(exc), exit_code=exc.exit_code)
-            )
-            await side.teardown()
-            return exc.exit_code
+            return await failed(str(exc), exc.exit_code, side.teardown)
     side.to_supervisor(messages.pack(messages.READY))
     ticks = loop.create_task(side.run_ticks())
     await side.stopped
