@@ -244,16 +244,6 @@ def cmd_check(args):
     return 0
 
 
-def _claim_socket(path):
-    """Refuse to start on a control socket a running instance answers at:
-    taking it over would leave that instance unreachable."""
-    if path and localsock.in_use(path):
-        raise TransportError(
-            f"control socket {path} is in use by a running fastfwd "
-            "(another instance? give this one its own --socket)"
-        )
-
-
 def cmd_run(args):
     try:
         cfg = cfgmod.parse(args.config)
@@ -273,7 +263,7 @@ def cmd_run(args):
         cfg.offload = overrides["offload"] = args.offload == "on"
     workers = _workers(args.workers) or _workers(str(cfg.workers))
     logsetup.setup("supervisor", cfg.loglevel)
-    _claim_socket(cfg.socket)
+    localsock.claim(cfg.socket)  # before any device is made
     tun_fds, name, vnet = endpoints.open_tun(cfg.dev, workers, vnet_hdr=cfg.offload)
     try:
         socks = endpoints.bind_udp(cfg.host, cfg.port, workers)
@@ -330,7 +320,7 @@ def cmd_connect(args):
         raise FastfwdError(
             f"cannot create {linux.TUN_PATH}: {exc.strerror} (needs CAP_MKNOD or --device /dev/net/tun)"
         ) from exc
-    _claim_socket(args.socket)
+    localsock.claim(args.socket)  # before any device is made
     tun_fds, name, vnet = endpoints.open_tun(
         args.dev, workers, vnet_hdr=args.offload == "on"
     )
@@ -400,7 +390,7 @@ def cmd_access(args):
             print(f"fastfwd: created {linux.TUN_PATH}", file=sys.stderr)
     except OSError as exc:
         raise FastfwdError(f"cannot create {linux.TUN_PATH}: {exc.strerror}") from exc
-    _claim_socket(args.socket)
+    localsock.claim(args.socket)  # before any device is made
     tun_fds, name, _ = endpoints.open_tun(args.dev, 1, vnet_hdr=False)
     try:
         socks = endpoints.dial_udp(1)
@@ -537,7 +527,8 @@ def cmd_config(args):
             print(line, file=sys.stderr)
         print(f"fastfwd: {reply.get('error', 'config failed')}", file=sys.stderr)
         # Bad lines and bad usage (no line at all) are exit 2, as documented.
-        return EXIT_CONFIG if reply.get("code") in ("invalid_config", "bad_request") else 1
+        usage = reply.get("code") in ("invalid_config", "bad_request")
+        return EXIT_CONFIG if usage else 1
     print(reply.get("message", "ok"))
     for warning in reply.get("warnings", []):
         print(f"fastfwd: {warning}", file=sys.stderr)

@@ -199,8 +199,8 @@ class HostSide(Side):
             return
         self.peer_hello = _hello_from_info(self.peer.info)
         self.peer_hello_at = now
-        if self.peer_hello is not None and self.peer_hello.caps & frames.CAP_NETWORKS:
-            self.docker_networks = {n for n in self.peer_hello.networks if routable(n)}
+        if self.peer_hello is not None:
+            self.docker_networks = _reported_networks(self.peer_hello)
 
     def announce_restored_peer(self):
         """Once set up: tell the workers and the restored peer."""
@@ -305,10 +305,7 @@ class HostSide(Side):
             self.next_repair = now + REPAIR_INTERVAL_S
             self.push_controls()
         if old is None or old.networks != hello.networks:
-            networks = (
-                set(hello.networks) if hello.caps & frames.CAP_NETWORKS else set()
-            )
-            self.docker_networks = {n for n in networks if routable(n)}
+            self.docker_networks = _reported_networks(hello)
             if self.cfg.docker_routes:
                 self.loop.create_task(self.reconcile_routes())
 
@@ -628,6 +625,13 @@ def _state_line(path):
     except OSError:
         pass
     return found
+
+
+def _reported_networks(hello):
+    """The bridge networks a VM side's hello reports that may be routed."""
+    if not hello.caps & frames.CAP_NETWORKS:
+        return set()
+    return {n for n in hello.networks if routable(n)}
 
 
 def _hello_info(hello):

@@ -24,9 +24,7 @@ async def serve(path, handler):
     """Listen on ``path``; ``handler(request) -> reply`` is a coroutine."""
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    if in_use(path):
-        # Started meanwhile (the command line checked before set-up).
-        raise TransportError(f"control socket {path} is in use by a running fastfwd")
+    claim(path)  # again: another instance may have started since the check
     remove(path)  # left by a process that died
 
     async def on_client(reader, writer):
@@ -70,6 +68,16 @@ async def serve(path, handler):
         os.umask(old)
     os.chmod(path, 0o600)
     return server
+
+
+def claim(path):
+    """Raise TransportError if a running instance answers at ``path``:
+    taking its socket over would leave that instance unreachable."""
+    if in_use(path):
+        raise TransportError(
+            f"control socket {path} is in use by a running fastfwd "
+            "(another instance? give this one its own --socket)"
+        )
 
 
 def in_use(path):

@@ -72,9 +72,8 @@ def cpu_table(doc):
                     continue  # idle helpers (control processes) left out
                 procs.append(f"{side}:{proc} {user:.0f}+{system:.0f}")
         m = _get(load, "machine") or {}
-        split = "/".join(
-            _fmt(m.get(f"{k}_pct"), ".0f") for k in ("user", "system", "softirq", "idle")
-        )
+        kinds = ("user", "system", "softirq", "idle")
+        split = "/".join(_fmt(m.get(f"{k}_pct"), ".0f") for k in kinds)
         lines.append(f"{name:22} machine {split:>12}   " + ", ".join(procs))
     return "\n".join(lines)
 

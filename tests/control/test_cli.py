@@ -129,7 +129,8 @@ def test_what_the_dockerfile_copies_is_a_package_pip_can_build(tmp_path):
         for name in sources:
             target = src / name if dest.endswith("/") else tmp_path / dest.lstrip("/")
             if (root / name).is_dir():
-                shutil.copytree(root / name, target, ignore=shutil.ignore_patterns("results"))
+                skip = shutil.ignore_patterns("results")
+                shutil.copytree(root / name, target, ignore=skip)
             else:
                 shutil.copy(root / name, target)
     # setuptools' build step, as `pip install /src` runs it (offline).

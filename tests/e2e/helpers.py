@@ -29,3 +29,10 @@ def answers(lab, ip, ns=None):
     """Whether ``ip`` answers one ping from the host namespace (or ``ns``)."""
     res = lab.run(ns or lab.host_ns, "ping", "-c1", "-W2", str(ip), check=False)
     return res.returncode == 0
+
+
+def pid_of(tunnel, side, name):
+    """The pid of process ``name`` ("control", "reader0", ...) of a side,
+    as its ``status`` lists it."""
+    procs = tunnel.status(side)["processes"]
+    return next(p["pid"] for p in procs if p["name"] == name)

@@ -14,7 +14,7 @@ from lab.nsocket import socket_in
 from lab.pytest_support import root_marks
 from lab.tunnel import Tunnel
 from tests import packets
-from tests.e2e.helpers import answers, wait_for
+from tests.e2e.helpers import answers, pid_of, wait_for
 from tests.e2e.test_tunnel import transfer
 
 pytestmark = root_marks()
@@ -288,14 +288,9 @@ def test_sessions_survive_crashed_workers_and_control(lab, tmp_path):
         c1 = lab.containers[0]
         assert answers(lab, c1.ip, lab.remote_ns)
         for name in ("writer0", "control"):
-            pid = next(p["pid"] for p in t.status("host")["processes"] if p["name"] == name)
+            pid = pid_of(t, "host", name)
             os.kill(pid, 9)
-            assert wait_for(
-                lambda: next(
-                    p["pid"] for p in t.status("host")["processes"] if p["name"] == name
-                ) != pid,
-                15.0,
-            ), t.logs()
+            assert wait_for(lambda: pid_of(t, "host", name) != pid, 15.0), t.logs()
             assert wait_for(lambda: answers(lab, c1.ip, lab.remote_ns), 15.0), (name, t.logs())
         assert t.status("host")["expose"]["listen"] == f"{lab.host_remote_ip}:{EXPOSE_PORT}"
         assert t.status("access")["relogin_requests"] >= 1

@@ -8,7 +8,7 @@ import time
 
 from lab.pytest_support import root_marks
 from lab.tunnel import Tunnel
-from tests.e2e.helpers import wait_for
+from tests.e2e.helpers import pid_of, wait_for
 
 pytestmark = root_marks()
 
@@ -63,26 +63,24 @@ def test_busy_port_is_one_clear_line(lab, tmp_path):
     assert "fastfwd0" not in lab.run(lab.host_ns, "ip", "link").stdout
 
 
-def _pid(tunnel, side, name):
-    return next(p["pid"] for p in tunnel.status(side)["processes"] if p["name"] == name)
 
 
 def test_killed_worker_is_restarted_and_forwarding_resumes(lab, tunnel):
     for side, name in (("host", "writer0"), ("vm", "reader0")):
-        old = _pid(tunnel, side, name)
+        old = pid_of(tunnel, side, name)
         os.kill(old, signal.SIGKILL)
-        assert wait_for(lambda: _pid(tunnel, side, name) != old), tunnel.logs()
+        assert wait_for(lambda: pid_of(tunnel, side, name) != old), tunnel.logs()
         entry = next(p for p in tunnel.status(side)["processes"] if p["name"] == name)
         assert entry["restarts"] == 1
     assert wait_for(lambda: ping(lab, lab.containers[0].ip)), tunnel.logs()
 
 
 def test_killed_control_process_is_restarted_without_losing_routes(lab, tunnel):
-    old = _pid(tunnel, "host", "control")
+    old = pid_of(tunnel, "host", "control")
     before = tunnel.status("host")
     assert before["framing"] == "offload", before
     os.kill(old, signal.SIGKILL)
-    assert wait_for(lambda: _pid(tunnel, "host", "control") != old, 20), tunnel.logs()
+    assert wait_for(lambda: pid_of(tunnel, "host", "control") != old, 20), tunnel.logs()
     after = tunnel.status("host")
     # The same peer in the same framing: nothing changed on the wire.
     for key in ("routes", "peer", "framing"):
@@ -101,9 +99,9 @@ def test_a_hello_that_lapsed_does_not_come_back_with_a_control_restart(lab, tmp_
         assert wait_for(lambda: t.status("host")["framing"] == "compat", 25), t.logs()
         with open(t.state, encoding="utf-8") as f:
             assert json.load(f)["hello"] is None
-        old = _pid(t, "host", "control")
+        old = pid_of(t, "host", "control")
         os.kill(old, signal.SIGKILL)
-        assert wait_for(lambda: _pid(t, "host", "control") != old, 20), t.logs()
+        assert wait_for(lambda: pid_of(t, "host", "control") != old, 20), t.logs()
         status = t.status("host")
         assert (status["framing"], status["peer_mtu"]) == ("compat", None), t.logs()
     finally:
@@ -195,14 +193,15 @@ def test_a_second_instance_on_the_same_control_socket_is_refused(lab, tunnel, tm
 
 
 def test_control_process_killed_twice_in_a_row_is_still_restarted(lab, tunnel):
-    first = _pid(tunnel, "host", "control")
+    def control():
+        return pid_of(tunnel, "host", "control")
+
+    first = control()
     os.kill(first, signal.SIGKILL)
-    second = wait_for(lambda: (p := _pid(tunnel, "host", "control")) != first and p, 20)
+    second = wait_for(lambda: (p := control()) != first and p, 20)
     # Kill the replacement at once, before it can settle.
     os.kill(second, signal.SIGKILL)
-    third = wait_for(
-        lambda: (p := _pid(tunnel, "host", "control")) not in (first, second) and p, 30
-    )
+    third = wait_for(lambda: (p := control()) not in (first, second) and p, 30)
     assert third, tunnel.logs()
     assert (
         next(p for p in tunnel.status("host")["processes"] if p["name"] == "control")[
@@ -218,9 +217,9 @@ def test_restarted_control_keeps_the_last_good_configuration(lab, tunnel):
     with open(tunnel.config, "a") as f:
         f.write("route not-valid\n")
     time.sleep(0.6)
-    old = _pid(tunnel, "host", "control")
+    old = pid_of(tunnel, "host", "control")
     os.kill(old, signal.SIGKILL)
-    assert wait_for(lambda: _pid(tunnel, "host", "control") != old, 20), tunnel.logs()
+    assert wait_for(lambda: pid_of(tunnel, "host", "control") != old, 20), tunnel.logs()
     assert tunnel.status("host")["routes"] == routes
     assert "last applied one used" in tunnel.logs()
 

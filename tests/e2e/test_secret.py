@@ -1,12 +1,13 @@
 """A shared secret: only a signed hello can change the host's peer."""
 
+import contextlib
 import os
 import time
 
 from lab.nsocket import socket_in
 from lab.pytest_support import root_marks
 from lab.tunnel import Tunnel
-from tests.e2e.helpers import wait_for
+from tests.e2e.helpers import pid_of, wait_for
 
 pytestmark = root_marks()
 
@@ -28,15 +29,26 @@ def start(lab, tmp_path, vm_secret):
     return t
 
 
-def test_with_a_secret_a_stranger_cannot_take_the_tunnel_from_a_restarted_vm_side(
-    lab, tmp_path
-):
+@contextlib.contextmanager
+def pair_and_stranger(lab, tmp_path):
+    """A ready pair sharing the secret, and a UDP socket of someone else's
+    in the VM's namespace."""
     t = start(lab, tmp_path, SECRET)
     stranger = socket_in(lab.vm_ns)
     try:
         t.wait_ready()
-        first = t.status("host")["peer"]
         stranger.bind(("0.0.0.0", 0))
+        yield t, stranger
+    finally:
+        stranger.close()
+        t.stop()
+
+
+def test_with_a_secret_a_stranger_cannot_take_the_tunnel_from_a_restarted_vm_side(
+    lab, tmp_path
+):
+    with pair_and_stranger(lab, tmp_path) as (t, stranger):
+        first = t.status("host")["peer"]
         t.stop_vm()
         # The stranger heartbeats all through the VM side's restart.
         deadline = time.monotonic() + 3
@@ -62,9 +74,6 @@ def test_with_a_secret_a_stranger_cannot_take_the_tunnel_from_a_restarted_vm_sid
             ).returncode
             == 0
         )
-    finally:
-        stranger.close()
-        t.stop()
 
 
 def test_a_vm_side_with_the_wrong_secret_is_never_the_peer(lab, tmp_path):
@@ -96,12 +105,8 @@ def test_a_signed_hello_from_before_a_control_restart_is_refused_after_it(
 ):
     from fastfwd import frames
 
-    t = start(lab, tmp_path, SECRET)
-    replayer = socket_in(lab.vm_ns)
-    try:
-        t.wait_ready()
+    with pair_and_stranger(lab, tmp_path) as (t, replayer):
         peer = t.status("host")["peer"]
-        replayer.bind(("0.0.0.0", 0))
         # What a capture of the VM side's hello would hold: signed a moment
         # before the restart, within the clock window, never accepted yet.
         old_hello = frames.encode_hello(
@@ -109,21 +114,11 @@ def test_a_signed_hello_from_before_a_control_restart_is_refused_after_it(
             SECRET.encode(),
             now_ms=int(time.time() * 1000) - 500,
         )
-        control = next(
-            p["pid"] for p in t.status("host")["processes"] if p["name"] == "control"
-        )
+        control = pid_of(t, "host", "control")
         os.kill(control, 9)
         replayer.sendto(old_hello, (str(lab.host_ip), 2511))  # waits in the queue
-
-        def restarted():
-            procs = t.status("host")["processes"]
-            return next(p["pid"] for p in procs if p["name"] == "control") != control
-
-        assert wait_for(restarted, 20), t.logs()
+        assert wait_for(lambda: pid_of(t, "host", "control") != control, 20), t.logs()
         time.sleep(1)
         status = t.status("host")
         assert status["peer"] == peer, t.logs()
         assert status["rejected_hellos"] >= 1, t.logs()
-    finally:
-        replayer.close()
-        t.stop()

@@ -8,9 +8,8 @@ from perf import measure, report, run
 
 
 def test_usage_tells_a_busy_process_from_an_idle_one():
-    busy = subprocess.Popen(
-        [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<3: pass"]
-    )
+    spin = "import time\nt = time.time()\nwhile time.time() - t < 3: pass"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
     idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
     try:
         usage = measure.Usage({"host": [busy.pid], "vm": [idle.pid]})
