@@ -709,22 +709,27 @@ class Writer:
             try:
                 if gro:
                     n, anc, _, src = recvmsg_into(rx_list, _GRO_CMSG_BYTES)
-                    if (
-                        anc
-                        and n > (seg := int.from_bytes(anc[0][2][:2], sys.byteorder))
-                        and not (rx[0] == OFFLOAD_FRAME and off)
+                    if anc and n > (
+                        seg := int.from_bytes(anc[0][2][:2], sys.byteorder)
                     ):
                         # Several datagrams of seg bytes, taken as one run.
-                        # (A GSO frame, one offload frame the sender's kernel
-                        # cut into datagrams, comes back whole: it goes the
-                        # way of any single frame below.)
-                        got, got_bytes, runs = self._write_run(n, src, seg)
-                        received += runs
-                        in_bytes += n
-                        pkts += got
-                        out_bytes += got_bytes
-                        collecting, peers, raw_ok = self._batch_state()
-                        continue
+                        # A GSO frame (one offload frame the sender's kernel
+                        # cut into datagrams) comes back whole and goes the
+                        # way of any single frame below; several frames that
+                        # GRO joined are taken apart.
+                        if rx[0] != OFFLOAD_FRAME or not off:
+                            got, got_bytes, runs = self._write_run(n, src, seg)
+                        elif frame_bytes(rx) != n:
+                            got, got_bytes, runs = self._write_frames(n, src, seg)
+                        else:
+                            runs = 0
+                        if runs:
+                            received += runs
+                            in_bytes += n
+                            pkts += got
+                            out_bytes += got_bytes
+                            collecting, peers, raw_ok = self._batch_state()
+                            continue
                 else:
                     n, src = recvfrom_into(rx)
             except BlockingIOError:
@@ -813,6 +818,46 @@ class Writer:
                 nbytes += size
             else:
                 self._slow_path(size, src)
+        return pkts, nbytes, count
+
+    def _write_frames(self, n, src, seg):
+        """Handle OFFLOAD frames that UDP_GRO delivered together; returns
+        (written, bytes, frames) like :meth:`_write_run`.
+
+        GRO joins datagrams of one size, the last of a run perhaps shorter,
+        so every frame but the last fills whole segments: each frame's own
+        length says where the next one starts. The first frame that does
+        not fit (the first piece of a frame the path cut up) ends the run
+        and is counted as split.
+        """
+        rx, view, off, c = self._rx, self._view, self._off, self._c
+        pkts = nbytes = count = pos = 0
+        while pos < n:
+            size = frames.offload_frame_bytes(rx, pos)
+            count += 1
+            end = pos + size
+            if size < 1 + _VNET + MIN_PACKET_BYTES:
+                c[st.DROPS_MALFORMED] += 1
+                break
+            if end > n or (size % seg and end != n):
+                c[st.DROPS_SPLIT] += 1
+                break
+            if src in self._peers and self._body is None and not self._sessions:
+                try:
+                    os.write(self._tun_fd, view[off + pos + 1 : off + end])
+                except OSError:
+                    c[st.DROPS_IO] += 1
+                else:
+                    pkts += 1
+                    nbytes += size
+            else:
+                # The accessor relay and the slow path read the frame at the
+                # start of the receive area.
+                if pos:
+                    rx[0:size] = rx[pos:end]
+                if not (self._sessions and src in self._peers and self._divert(size)):
+                    self._slow_path(size, src)
+            pos = end
         return pkts, nbytes, count
 
     def _slow_path(self, n, src):

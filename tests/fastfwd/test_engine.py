@@ -449,3 +449,78 @@ def test_a_peer_in_offload_framing_sends_frames_only(rig):
     rig.spin()
     w.stop()
     assert rig.tun.written() == frame[1:]
+
+
+def _send_run(rig, datagrams):
+    """Send equal-sized datagrams (the last may be shorter) as one
+    UDP_SEGMENT run: on the wire they are separate datagrams, and a socket
+    with UDP_GRO takes them as one buffer, as it does when a receiving NIC's
+    GRO joins datagrams that were sent one by one."""
+    import sys
+
+    seg = len(datagrams[0])
+    cmsg = [(socket.SOL_UDP, 103, seg.to_bytes(2, sys.byteorder))]  # UDP_SEGMENT
+    rig.peer.sendmsg([b"".join(datagrams)], cmsg, 0, rig.sock.getsockname())
+
+
+def test_writer_takes_frames_that_udp_gro_joined_one_by_one(rig):
+    """Small frames of one size (a flow's ACKs) sent one by one can reach
+    the socket joined by the receiving NIC's GRO: each is written."""
+    w = _gso_writer(rig)
+    w.set_peer([rig.peer.getsockname()], engine.OFFLOAD)
+    acks = [_offload_frame(12) for _ in range(4)]
+    acks[1] = acks[1][:-1] + b"x"  # four frames, not one repeated
+    _send_run(rig, acks + [_offload_frame(3)])
+    rig.spin()
+    w.stop()
+    assert [rig.tun.written() for _ in range(5)] == [f[1:] for f in acks] + [
+        _offload_frame(3)[1:]
+    ]
+    assert rig.writer_slot[st.PKTS_OUT] == 5
+    assert rig.writer_slot[st.DROPS_SPLIT] == 0
+
+
+def test_writer_takes_a_gso_frame_and_the_frame_gro_joined_to_it(rig):
+    """A GSO frame that fills its last segment exactly does not end GRO's
+    run: the next frame arrives in the same buffer, and both are written."""
+    w = _gso_writer(rig)
+    seg = 1000
+    big = _offload_frame(3 * seg - 11 - 20)  # 3 segments, the last full
+    assert len(big) == 3 * seg
+    small = _offload_frame(200)
+    data = big + small
+    _send_run(rig, [data[i : i + seg] for i in range(0, len(data), seg)])
+    rig.spin()
+    w.stop()
+    assert rig.tun.written() == big[1:]
+    assert rig.tun.written() == small[1:]
+    assert rig.writer_slot[st.DROPS_SPLIT] == 0
+
+
+def test_writer_drops_the_cut_up_tail_of_a_joined_run(rig):
+    """A whole frame, then the first piece of a frame whose rest never came:
+    the whole one is written, the piece counted as split."""
+    w = _gso_writer(rig)
+    seg = 500
+    first = _offload_frame(seg - 11 - 20)
+    cut = _offload_frame(3000)[:seg]
+    _send_run(rig, [first, cut])
+    rig.spin()
+    w.stop()
+    assert rig.tun.written() == first[1:]
+    assert rig.tun.nothing_written()
+    assert rig.writer_slot[st.DROPS_SPLIT] == 1
+
+
+def test_writer_drops_a_joined_frame_too_short_for_a_packet(rig):
+    w = _gso_writer(rig)
+    good = _offload_frame(30)
+    bad = bytearray(good)
+    bad[11 + 2 : 11 + 4] = (8).to_bytes(2, "big")  # IP length 8: no packet
+    _send_run(rig, [good, bytes(bad)])
+    rig.spin()
+    w.stop()
+    assert rig.tun.written() == good[1:]
+    assert rig.tun.nothing_written()
+    assert rig.writer_slot[st.DROPS_MALFORMED] == 1
+    assert rig.writer_slot[st.DROPS_SPLIT] == 0
