@@ -59,6 +59,12 @@ def build_parser():
         choices=("on", "off"),
         help="carry TCP super-packets whole with a fastfwd peer (overrides the offload directive)",
     )
+    run.add_argument(
+        "--steering",
+        choices=("on", "off"),
+        help="pin each writer to a CPU and steer the kernel's work on its packets "
+        "to the others (overrides the steering directive)",
+    )
 
     con = sub.add_parser(
         "connect",
@@ -112,6 +118,7 @@ def build_parser():
         default="on",
         help="carry TCP super-packets whole when the host is fastfwd too (default on)",
     )
+    _add_steering(con)
     con.add_argument(
         "--secret-file",
         help="file holding the secret of the host's secret directive (or set FASTFWD_SECRET)",
@@ -146,6 +153,7 @@ def build_parser():
         help=f"control socket for status (default {ACCESS_SOCKET})",
     )  # fmt: skip
     acc.add_argument("-debug", "--debug", action="store_true", help="log level DEBUG")
+    _add_steering(acc)
     _add_loglevel(acc)
 
     cfg = sub.add_parser(
@@ -214,6 +222,16 @@ def _add_loglevel(parser):
     )
 
 
+def _add_steering(parser):
+    parser.add_argument(
+        "--steering",
+        choices=("on", "off"),
+        default="on",
+        help="pin each writer to a CPU and steer the kernel's work on its packets "
+        "to the others (default on)",
+    )
+
+
 def _workers(value):
     if value in (None, ""):
         return None
@@ -261,6 +279,8 @@ def cmd_run(args):
         raise ConfigError(f"--dev {cfg.dev!r} is not a valid interface name")
     if args.offload:
         cfg.offload = overrides["offload"] = args.offload == "on"
+    if args.steering:
+        cfg.steering = overrides["steering"] = args.steering == "on"
     workers = _workers(args.workers) or _workers(str(cfg.workers))
     logsetup.setup("supervisor", cfg.loglevel)
     localsock.claim(cfg.socket)  # before any device is made
@@ -277,8 +297,9 @@ def cmd_run(args):
         "overrides": overrides,
     }
     sup = Supervisor(
-        "host", name, tun_fds, socks, control_args, cfg.loglevel, vnet_hdr=vnet
-    )
+        "host", name, tun_fds, socks, control_args, cfg.loglevel, vnet_hdr=vnet,
+        steer=cfg.steering,
+    )  # fmt: skip
     return asyncio.run(sup.run())
 
 
@@ -343,6 +364,7 @@ def cmd_connect(args):
         args.loglevel.upper(),
         vnet_hdr=vnet,
         control_env=secret_env,
+        steer=args.steering == "on",
     )
     return asyncio.run(sup.run())
 
@@ -401,7 +423,7 @@ def cmd_access(args):
     control_args = {"remote": list(remote), "exclude": exclude, "socket": args.socket}
     sup = Supervisor(
         "access", name, tun_fds, socks, control_args, loglevel,
-        control_env={"FASTFWD_TOKEN": token},
+        control_env={"FASTFWD_TOKEN": token}, steer=args.steering == "on",
     )  # fmt: skip
     return asyncio.run(sup.run())
 
@@ -497,7 +519,7 @@ def format_status(status):
             f"{'proxy':15} {line} -> {proxy.get('target')} {state} connections {proxy.get('connections', 0)}"
         )
     lines.append(
-        f"{'process':9} {'pid':>7} {'pkts_in':>10} {'pkts_out':>10} {'MB_out':>9} {'drops':>7} {'cpu_s':>7} {'pss_MB':>7} restarts"
+        f"{'process':9} {'pid':>7} {'pkts_in':>10} {'pkts_out':>10} {'MB_out':>9} {'drops':>7} {'cpu_s':>7} {'pss_MB':>7} {'restarts':>8} cpus"
     )
     for p in status["processes"]:
         c = p.get("counters", {})
@@ -505,9 +527,23 @@ def format_status(status):
         pss = p.get("pss_bytes") or p.get("rss_bytes") or 0
         lines.append(
             f"{p['name']:9} {p['pid']:>7} {c.get('pkts_in', 0):>10} {c.get('pkts_out', 0):>10} "
-            f"{c.get('bytes_out', 0) / 1e6:>9.1f} {drops:>7} {p.get('cpu_s', 0):>7} {pss / 1e6:>7.1f} {p.get('restarts', 0)}"
+            f"{c.get('bytes_out', 0) / 1e6:>9.1f} {drops:>7} {p.get('cpu_s', 0):>7} {pss / 1e6:>7.1f} {p.get('restarts', 0):>8} {_cpu_list(p.get('cpus'))}"
         )
     return "\n".join(lines)
+
+
+def _cpu_list(cpus):
+    """CPU numbers as ranges: [0, 1, 2, 5] -> "0-2,5"."""
+    if not cpus:
+        return "-"
+    parts, start, prev = [], cpus[0], cpus[0]
+    for c in [*cpus[1:], None]:
+        if c is not None and c == prev + 1:
+            prev = c
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = c
+    return ",".join(parts)
 
 
 def _plain(value):

@@ -49,6 +49,7 @@ RESTART_ONLY = (
     "socket",
     "dev",
     "offload",
+    "steering",
 )
 
 
@@ -106,6 +107,7 @@ class Config:
     dev: str = DEFAULT_DEV
     udp_config: bool = False
     offload: bool = True
+    steering: bool = True
     docker_routes: bool = False
     secret: str | None = None
     lines: dict = field(default_factory=dict)  # directive -> last line number
@@ -287,7 +289,7 @@ def _apply(cfg, directive, args):
                 f"loglevel {args[0]!r}: expected one of {', '.join(LOGLEVELS)}"
             )
         cfg.loglevel = level
-    elif directive in ("pong", "udp-config", "offload", "docker-routes"):
+    elif directive in ("pong", "udp-config", "offload", "docker-routes", "steering"):
         _nargs(args, 1, 1, f"{directive} on|off")
         if args[0] not in ("on", "off"):
             raise ValueError(f"{directive} {args[0]!r}: expected on or off")

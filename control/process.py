@@ -308,6 +308,7 @@ def _usage(pid):
         with p.oneshot():
             cpu = p.cpu_times()
             mem = p.memory_info()
+            cpus = p.cpu_affinity()
         try:
             pss = p.memory_full_info().pss
         except (psutil.AccessDenied, AttributeError):
@@ -316,6 +317,7 @@ def _usage(pid):
             "cpu_s": round(cpu.user + cpu.system, 2),
             "rss_bytes": mem.rss,
             "pss_bytes": pss,
+            "cpus": sorted(cpus),
         }
     except psutil.Error:
         return {}

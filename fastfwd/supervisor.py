@@ -23,7 +23,7 @@ import sys
 import time
 
 from control import messages
-from fastfwd import errors
+from fastfwd import errors, steering
 from fastfwd import stats as st
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ HEALTHY_AFTER_S = 30.0
 class Child:
     """One supervised process and how to start it again."""
 
-    def __init__(self, name, argv, pass_fds, env=None):
+    def __init__(self, name, argv, pass_fds, env=None, cpu=None):
         self.name = name
+        self.cpu = cpu  # pinned to this CPU (see fastfwd.steering)
         self.argv = argv
         self.pass_fds = pass_fds
         self.env = env
@@ -56,6 +57,8 @@ class Child:
             # Ctrl-C reaches only the supervisor, which stops children in order.
             process_group=0,
         )
+        if self.cpu is not None:
+            steering.pin(self.proc.pid, self.cpu)
         self.started_at = time.monotonic()
         return self.proc.pid
 
@@ -85,6 +88,7 @@ class Supervisor:
         loglevel,
         vnet_hdr=False,
         control_env=None,
+        steer=True,
     ):
         self.side = side
         self.control_env = control_env or {}  # secrets: kept out of argv
@@ -95,6 +99,11 @@ class Supervisor:
         self.control_args = control_args
         self.loglevel = loglevel
         self.workers = len(tun_fds)
+        if steer:
+            self.writer_cpus = steering.apply(side, tun_name, self.workers)
+        else:
+            self.writer_cpus = {}
+            log.info("steering off reason=switched off")
         self.stats_fd = st.create(self.workers)
         os.set_inheritable(self.stats_fd, True)
         for fd in tun_fds:
@@ -161,7 +170,8 @@ class Supervisor:
         if self.vnet_hdr:
             argv.append("--vnet-hdr")
         fds = [tun_fd, udp.fileno(), wrk_end.fileno(), self.stats_fd]
-        return Child(f"{role}{queue}", argv, fds)
+        cpu = self.writer_cpus.get(queue) if role == "writer" else None
+        return Child(f"{role}{queue}", argv, fds, cpu=cpu)
 
     def _announce(self, child):
         if self.control is None:

@@ -86,15 +86,19 @@ class Direct(Path):
 class Fastfwd(Path):
     kind = "fastfwd"
 
-    def __init__(self, offload, workers):
+    def __init__(self, offload, workers, steering=True):
         self.offload = offload
         self.workers = workers
+        self.steering = steering
         self.name = f"fastfwd-{'offload' if offload else 'compat'}-w{workers}"
+        if not steering:
+            self.name += "-unsteered"
         self.host_addr = "192.168.251.2"
         self.tunnel = None
 
     def start(self, lab, workdir):
         flag = ["--offload", "on" if self.offload else "off"]
+        flag += ["--steering", "on" if self.steering else "off"]
         # A fresh folder per run: no peer remembered from an earlier round.
         self.tunnel = Tunnel(lab, tempfile.mkdtemp(prefix=self.name + "-", dir=workdir), mtu=TUNNEL_MTU,
                              workers=self.workers, vm_args=flag, host_args=flag)  # fmt: skip
@@ -282,6 +286,7 @@ def _wait_ping(lab, ip, timeout_s=15.0):
 
 def all_paths(max_workers):
     paths = [Direct(), OpenVPN(), Socat(), Fastfwd(False, 1), Fastfwd(True, 1)]
+    paths.append(Fastfwd(True, 1, steering=False))
     paths += [Fastfwd(True, w) for w in range(2, max_workers + 1)]
     paths.append(FastfwdAccessor())
     return paths

@@ -1,6 +1,7 @@
 """Tables and plots from a perf result document (see :mod:`perf.run`)."""
 
 import os
+import re
 
 COLUMNS = [
     ("tcp1_up", "gbit_s", "TCP 1 up"),
@@ -146,9 +147,9 @@ def plots(doc, base):
     written.append(os.path.basename(path))
 
     workers = sorted(
-        (int(n.rsplit("-w", 1)[1]), n)
+        (int(m.group(1)), n)
         for n in names
-        if n.startswith("fastfwd-offload-w")
+        if (m := re.fullmatch(r"fastfwd-offload-w(\d+)", n))
     )
     if len(workers) > 1:
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -141,3 +141,25 @@ def test_what_the_dockerfile_copies_is_a_package_pip_can_build(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "out" / "control" / "cli.py").exists()
+
+
+def test_status_lists_each_process_cpus_as_ranges():
+    from control.cli import _cpu_list, format_status
+
+    assert _cpu_list([0, 1, 2, 5]) == "0-2,5"
+    assert _cpu_list([3]) == "3"
+    assert _cpu_list([]) == "-"
+    text = format_status(
+        {
+            "side": "vm",
+            "tun": "fastfwd0",
+            "uptime_s": 1.0,
+            "processes": [
+                {"name": "writer0", "pid": 7, "counters": {}, "cpus": [1]},
+                {"name": "reader0", "pid": 8, "counters": {}, "cpus": [0, 1]},
+            ],
+        }
+    )
+    assert text.splitlines()[-3].endswith(" cpus")
+    assert text.splitlines()[-2].startswith("writer0") and text.endswith(" 0-1")
+    assert text.splitlines()[-2].endswith(" 1")

@@ -167,3 +167,14 @@ def test_a_half_iptables_pair_names_the_expected_form():
     ((_, line, reason),) = err.value.problems
     assert line == 1 and "expected A+B or A-B" in reason
     assert "172.18.0.0+172.19" in reason
+
+
+def test_steering_is_on_unless_switched_off_and_needs_a_restart():
+    assert parse("").steering is True
+    assert parse("steering off\n").steering is False
+    with pytest.raises(ConfigError) as exc:
+        parse("workers 1\nsteering maybe\n")
+    assert exc.value.problems == [
+        ("test.conf", 2, "steering 'maybe': expected on or off")
+    ]
+    assert config.restart_changes(parse(""), parse("steering off\n")) == ["steering"]

@@ -75,3 +75,17 @@ def test_cpu_table_lists_working_processes_and_the_machine():
     assert "host:fastfwd-reader0 8+41" in text
     assert "control" not in text and "direct" not in text
     assert "20/50/15/15" in text
+
+
+def test_plots_take_worker_counts_and_leave_other_variants_out(tmp_path):
+    doc = {
+        "results": {
+            "direct": {"tcp1_up": {"gbit_s": 15.0}},
+            "fastfwd-offload-w1": {"tcp1_up": {"gbit_s": 8.0}},
+            "fastfwd-offload-w1-unsteered": {"tcp1_up": {"gbit_s": 7.0}},
+            "fastfwd-offload-w2": {"tcp1_up": {"gbit_s": 7.5}},
+        }
+    }
+    written = report.plots(doc, str(tmp_path / "r"))
+    assert sorted(written) == ["r-modes.png", "r-workers.png"]
+    assert all(os.path.getsize(tmp_path / name) > 0 for name in written)
