@@ -28,14 +28,15 @@ def table(doc):
     res = doc["results"]
     direct, ovpn = res.get("direct", {}), res.get("openvpn", {})
     lines = []
-    head = f"{'path':22}" + "".join(f"{label:>24}" for _, _, label in COLUMNS)
+    w = max([22, *(len(n) + 1 for n in res)])
+    head = f"{'path':{w}}" + "".join(f"{label:>24}" for _, _, label in COLUMNS)
     head += f"{'UDP kpps (loss)':>18}{'ping p50/p99 idle':>20}{'p50/p99 load':>16}{'CPU% h/v':>12}{'PSS MB h/v':>12}{'idle CPU%':>10}"
     lines.append(head)
     lines.append(
-        f"{'':22}" + "".join(f"{'Gbit/s  ×direct ×ovpn':>24}" for _ in COLUMNS)
+        f"{'':{w}}" + "".join(f"{'Gbit/s  ×direct ×ovpn':>24}" for _ in COLUMNS)
     )
     for name, r in res.items():
-        row = f"{name:22}"
+        row = f"{name:{w}}"
         for key, field, _ in COLUMNS:
             v = _get(r, key, field)
             d, o = _get(direct, key, field), _get(ovpn, key, field)
@@ -61,6 +62,7 @@ def cpu_table(doc):
     and system time (percent of one core) and the machine's split (percent
     of all cores)."""
     lines = []
+    w = max([22, *(len(n) + 1 for n in doc["results"])])
     for name, r in doc["results"].items():
         load = _get(r, "load")
         if not isinstance(load, dict):
@@ -75,7 +77,7 @@ def cpu_table(doc):
         m = _get(load, "machine") or {}
         kinds = ("user", "system", "softirq", "idle")
         split = "/".join(_fmt(m.get(f"{k}_pct"), ".0f") for k in kinds)
-        lines.append(f"{name:22} machine {split:>12}   " + ", ".join(procs))
+        lines.append(f"{name:{w}} machine {split:>12}   " + ", ".join(procs))
     return "\n".join(lines)
 
 

@@ -89,3 +89,19 @@ def test_plots_take_worker_counts_and_leave_other_variants_out(tmp_path):
     written = report.plots(doc, str(tmp_path / "r"))
     assert sorted(written) == ["r-modes.png", "r-workers.png"]
     assert all(os.path.getsize(tmp_path / name) > 0 for name in written)
+
+
+def test_table_columns_line_up_with_a_long_path_name():
+    doc = {
+        "results": {
+            "direct": {"tcp1_up": {"gbit_s": 15.0}},
+            "fastfwd-offload-w1-unsteered": {"tcp1_up": {"gbit_s": 7.0}},
+        }
+    }
+    lines = report.table(doc).splitlines()
+    assert len(lines[2]) == len(lines[3]), lines  # the rows line up
+    # Each figure ends where its column's heading does.
+    head_end = lines[0].index("TCP 1 up") + len("TCP 1 up")
+    assert lines[3].index("7.00") + len("7.00") == head_end - 14
+    assert lines[2].index("15.00") + len("15.00") == head_end - 14
+    assert lines[3].split()[:3] == ["fastfwd-offload-w1-unsteered", "7.00", "0.47"]
