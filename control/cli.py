@@ -184,8 +184,9 @@ def build_parser():
         "tune",
         help="probe modes and worker counts in a lab on this machine, recommend settings",
         description="Builds a lab of network namespaces (as root; needs iperf3), runs short "
-        "iperf3 probes through fastfwd in each mode and worker count, and recommends the "
-        "workers and offload directives; --write appends them to a configuration file.",
+        "iperf3 probes through fastfwd in each mode and worker count (and offload with "
+        "steering off), and recommends the workers, offload and steering directives; "
+        "--write appends them to a configuration file.",
     )
     tune.add_argument(
         "--seconds", type=int, default=3, help="length of each probe (default 3)"

@@ -22,6 +22,7 @@ def probe(seconds, max_workers, out):
     candidates = [paths.Fastfwd(False, 1)] + [
         paths.Fastfwd(True, w) for w in range(1, max_workers + 1)
     ]
+    candidates.append(paths.Fastfwd(True, 1, steering=False))
     results = []
     with (
         Lab(bridges=1, containers_per_bridge=1) as lab,
@@ -43,8 +44,13 @@ def probe(seconds, max_workers, out):
 
 def recommend(results):
     """The candidate with the best mean of both directions; ties go to fewer
-    workers (less memory, fewer processes)."""
-    best = max(results, key=lambda r: (round(statistics.mean(r[1:]), 1), -r[0].workers))
+    workers (less memory, fewer processes), then to steering on."""
+    best = max(
+        results,
+        key=lambda r: (
+            round(statistics.mean(r[1:]), 1), -r[0].workers, r[0].steering
+        ),
+    )  # fmt: skip
     return best[0]
 
 
@@ -54,6 +60,7 @@ def config_lines(choice):
         f"# fastfwd tune {stamp}",
         f"workers {choice.workers}",
         f"offload {'on' if choice.offload else 'off'}",
+        f"steering {'on' if choice.steering else 'off'}",
     ]
 
 
