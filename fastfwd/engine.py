@@ -719,7 +719,7 @@ class Writer:
                         # GRO joined are taken apart.
                         if rx[0] != OFFLOAD_FRAME or not off:
                             got, got_bytes, runs = self._write_run(n, src, seg)
-                        elif frame_bytes(rx) != n:
+                        elif frame_bytes(rx, 0, n) != n:
                             got, got_bytes, runs = self._write_frames(n, src, seg)
                         else:
                             runs = 0
@@ -821,42 +821,56 @@ class Writer:
         return pkts, nbytes, count
 
     def _write_frames(self, n, src, seg):
-        """Handle OFFLOAD frames that UDP_GRO delivered together; returns
-        (written, bytes, frames) like :meth:`_write_run`.
+        """Handle a run that UDP_GRO delivered together and that starts with
+        an OFFLOAD frame; returns (written, bytes, datagrams) like
+        :meth:`_write_run`.
 
-        GRO joins datagrams of one size, the last of a run perhaps shorter,
-        so every frame but the last fills whole segments: each frame's own
-        length says where the next one starts. The first frame that does
-        not fit (the first piece of a frame the path cut up) ends the run
-        and is counted as split.
+        GRO joins datagrams of one size (the last perhaps shorter), so the
+        run is datagrams of ``seg`` bytes, and a frame fills whole segments
+        unless it ends the run. Walking segment by segment: a frame of the
+        peer that fits that way is written whole (one GSO frame or several
+        small ones); any other datagram (a heartbeat or hello sent from the
+        same socket, a piece of a frame the path cut up, junk) is handled
+        as if it had come alone.
         """
-        rx, view, off, c = self._rx, self._view, self._off, self._c
+        rx, view, off = self._rx, self._view, self._off
+        frame_bytes = frames.offload_frame_bytes
         pkts = nbytes = count = pos = 0
         while pos < n:
-            size = frames.offload_frame_bytes(rx, pos)
             count += 1
+            size = frame_bytes(rx, pos, n) if rx[pos] == OFFLOAD_FRAME else 0
             end = pos + size
-            if size < 1 + _VNET + MIN_PACKET_BYTES:
-                c[st.DROPS_MALFORMED] += 1
-                break
-            if end > n or (size % seg and end != n):
-                c[st.DROPS_SPLIT] += 1
-                break
-            if src in self._peers and self._body is None and not self._sessions:
+            whole = (
+                size >= 1 + _VNET + MIN_PACKET_BYTES
+                and end <= n
+                and (end == n or size % seg == 0)
+            )
+            if whole and src in self._peers and self._body is None and not self._sessions:
                 try:
                     os.write(self._tun_fd, view[off + pos + 1 : off + end])
                 except OSError:
-                    c[st.DROPS_IO] += 1
+                    self._c[st.DROPS_IO] += 1
                 else:
                     pkts += 1
                     nbytes += size
-            else:
-                # The accessor relay and the slow path read the frame at the
-                # start of the receive area.
-                if pos:
-                    rx[0:size] = rx[pos:end]
-                if not (self._sessions and src in self._peers and self._divert(size)):
-                    self._slow_path(size, src)
+                pos = end
+                continue
+            if not whole:
+                end = min(pos + seg, n)  # one datagram, not a whole frame
+            # The accessor relay and the slow path read the datagram at the
+            # start of the receive area.
+            length = end - pos
+            if pos:
+                rx[0:length] = rx[pos:end]  # what is left lies behind ``end``
+            if not (
+                self._sessions
+                and src in self._peers
+                and self._body is None
+                and rx[0] == OFFLOAD_FRAME
+                and frame_bytes(rx, 0, length) == length
+                and self._divert(length)
+            ):
+                self._slow_path(length, src)
             pos = end
         return pkts, nbytes, count
 
@@ -912,7 +926,7 @@ class Writer:
         if frames.is_ip(first) or first == OFFLOAD_FRAME:
             if first == OFFLOAD_FRAME and not self._off:
                 c[st.DROPS_MALFORMED] += 1
-            elif first == OFFLOAD_FRAME and frames.offload_frame_bytes(rx) != n:
+            elif first == OFFLOAD_FRAME and frames.offload_frame_bytes(rx, 0, n) != n:
                 c[st.DROPS_SPLIT] += 1  # a piece of a frame, not a frame
             elif first != OFFLOAD_FRAME and not self._raw_ok:
                 c[st.DROPS_MALFORMED] += 1  # the peer sends frames only

@@ -330,11 +330,12 @@ def redact(token):
     return head + "…" + f"({len(token)})"
 
 
-def offload_frame_bytes(buf, start=0):
+def offload_frame_bytes(buf, start=0, end=None):
     """The length an OFFLOAD frame at ``buf[start]`` must have: frame byte,
-    virtio-net header and the packet's own IP length; 0 if unreadable."""
+    virtio-net header and the packet's own IP length; 0 if unreadable
+    before ``end`` (default: the end of ``buf``)."""
     ip = start + 11
-    if len(buf) < ip + 6:
+    if (len(buf) if end is None else end) < ip + 6:
         return 0
     version = buf[ip] >> 4
     if version == _IPV4:

@@ -13,7 +13,7 @@ Steering pins writer ``k`` to one CPU and sets receive packet steering
 other CPUs: the writer only copies, and the kernel's processing continues
 in parallel on another CPU. The host side counts CPUs from the first, the VM
 side and the accessor from the last, so that two sides on one machine (the
-lab) do not pin their writers to the same CPU.
+lab) pin their first writers to different CPUs.
 
 Nothing here outlives the process tree: the RPS setting belongs to the TUN
 device, which goes when the side stops, and the affinity to the process.
