@@ -418,6 +418,8 @@ class Writer:
         self._accessor_gso = True
         self._relay_gso = True
         self._raw_ok = True
+        self._frames_out = False
+        self._peer_key = None
         self._xbuf = bytearray(BUFFER_BYTES)
         self._xview = memoryview(self._xbuf)
         # VM side: a control body being reassembled from chunks.
@@ -436,15 +438,27 @@ class Writer:
         """Accept datagrams from these ``(ip, port)`` addresses only: the VM
         side's worker sockets on the host, the host on the VM side.
 
-        With ``framing`` OFFLOAD the peer sends OFFLOAD frames only, so a
-        bare IP packet from it is not its own (a piece of a frame that the
-        path cut up, whose payload happens to look like a packet) and is
-        dropped; what this side relays to it (accessor packets) goes as
-        frames too.
+        With ``framing`` OFFLOAD what this side relays to the peer
+        (accessor packets) goes as frames, and once the peer's first frame
+        has arrived a bare IP packet from it is not its own (a piece of a
+        frame that the path cut up, whose payload happens to look like a
+        packet) and is dropped. Until then bare packets still pass: the two
+        sides switch framing one after the other, and what the peer sent
+        before its switch is its own.
         """
-        self._peers = frozenset(addrs)
+        peers = frozenset(addrs)
+        offload = framing == OFFLOAD and bool(self._off)
+        if (peers, offload) != self._peer_key:
+            self._raw_ok = True  # until the first frame (see _seen_frame)
+        self._peer_key = (peers, offload)
+        self._peers = peers
         self._out_peer = addrs[0] if addrs else None
-        self._raw_ok = framing != OFFLOAD or not self._off
+        self._frames_out = offload
+
+    def _seen_frame(self):
+        """A frame from the peer: in offload framing bare packets stop."""
+        if self._frames_out:
+            self._raw_ok = False
 
     # accessors (host side)
 
@@ -592,7 +606,9 @@ class Writer:
                 self._check_accessor_packet(view[i : i + seg], ip)
                 for i in range(0, n, seg)
             ]
-            whole_run = self._relay_gso and self._raw_ok and out_peer is not None
+            whole_run = (
+                self._relay_gso and not self._frames_out and out_peer is not None
+            )
             if whole_run and not any(checked):
                 cmsg = [(SOL_UDP, UDP_SEGMENT, seg.to_bytes(2, sys.byteorder))]
                 try:
@@ -662,7 +678,7 @@ class Writer:
             c[st.DROPS_NO_PEER] += 1
             return 0
         try:
-            if self._raw_ok:
+            if not self._frames_out:
                 self._sock.sendto(packet, out_peer)
             else:
                 self._sock.sendmsg([_PLAIN_FRAME_HEAD, packet], _NO_CMSG, 0, out_peer)
@@ -752,6 +768,9 @@ class Writer:
                     if frame_bytes(rx) != n:
                         split += 1  # a piece of a frame the path cut up
                         continue
+                    if raw_ok:
+                        self._seen_frame()
+                        raw_ok = self._raw_ok
                     packet = view[off + 1 : off + n]
                 else:
                     self._slow_path(n, src)
@@ -853,6 +872,8 @@ class Writer:
                 else:
                     pkts += 1
                     nbytes += size
+                if self._raw_ok:
+                    self._seen_frame()
                 pos = end
                 continue
             if not whole:
@@ -933,6 +954,8 @@ class Writer:
             elif self._sessions and self._divert(n):
                 return
             else:
+                if first == OFFLOAD_FRAME and self._raw_ok:
+                    self._seen_frame()
                 start = self._off + 1 if first == OFFLOAD_FRAME else 0
                 self._write_tun(self._view[start : self._off + n])
             return

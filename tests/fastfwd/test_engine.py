@@ -436,19 +436,31 @@ def test_a_cut_up_frame_during_a_control_body_is_never_written(rig):
 
 
 def test_a_peer_in_offload_framing_sends_frames_only(rig):
-    """A bare IP packet from a peer that frames everything is not its own
-    (a piece of a cut-up frame, say): dropped, never written."""
+    """Once the peer's first frame has arrived, a bare IP packet from it is
+    not its own (a piece of a cut-up frame, say): dropped, never written.
+    Before that it is: the sides switch framing one after the other."""
     w = _gso_writer(rig)
+    w.set_peer([rig.peer.getsockname()], engine.OFFLOAD)
+    early = ipv4_packet(b"early")
+    rig.peer.sendto(early, rig.sock.getsockname())
+    rig.spin()
+    assert rig.tun.written() == bytes(10) + early  # sent before the switch
+    frame = _offload_frame(100)
+    rig.peer.sendto(frame, rig.sock.getsockname())
+    rig.spin()
+    assert rig.tun.written() == frame[1:]
+    # The same peer told again (every hello does): frames only still.
     w.set_peer([rig.peer.getsockname()], engine.OFFLOAD)
     rig.peer.sendto(ipv4_packet(), rig.sock.getsockname())
     rig.spin()
     assert rig.tun.nothing_written()
     assert rig.writer_slot[st.DROPS_MALFORMED] == 1
-    frame = _offload_frame(100)
-    rig.peer.sendto(frame, rig.sock.getsockname())
+    # A new peer starts over: its packets from before its switch pass.
+    w.set_peer([rig.peer.getsockname(), ("127.0.0.1", 9)], engine.OFFLOAD)
+    rig.peer.sendto(early, rig.sock.getsockname())
     rig.spin()
     w.stop()
-    assert rig.tun.written() == frame[1:]
+    assert rig.tun.written() == bytes(10) + early
 
 
 def _send_run(rig, datagrams):
