@@ -520,7 +520,8 @@ def format_status(status):
             f"{'proxy':15} {line} -> {proxy.get('target')} {state} connections {proxy.get('connections', 0)}"
         )
     lines.append(
-        f"{'process':9} {'pid':>7} {'pkts_in':>10} {'pkts_out':>10} {'MB_out':>9} {'drops':>7} {'cpu_s':>7} {'pss_MB':>7} {'restarts':>8} cpus"
+        f"{'process':9} {'pid':>7} {'pkts_in':>10} {'pkts_out':>10} {'MB_out':>9} "
+        f"{'drops':>7} {'cpu_s':>7} {'pss_MB':>7} {'restarts':>8} cpus"
     )
     for p in status["processes"]:
         c = p.get("counters", {})
@@ -528,7 +529,8 @@ def format_status(status):
         pss = p.get("pss_bytes") or p.get("rss_bytes") or 0
         lines.append(
             f"{p['name']:9} {p['pid']:>7} {c.get('pkts_in', 0):>10} {c.get('pkts_out', 0):>10} "
-            f"{c.get('bytes_out', 0) / 1e6:>9.1f} {drops:>7} {p.get('cpu_s', 0):>7} {pss / 1e6:>7.1f} {p.get('restarts', 0):>8} {_cpu_list(p.get('cpus'))}"
+            f"{c.get('bytes_out', 0) / 1e6:>9.1f} {drops:>7} {p.get('cpu_s', 0):>7} "
+            f"{pss / 1e6:>7.1f} {p.get('restarts', 0):>8} {_cpu_list(p.get('cpus'))}"
         )
     return "\n".join(lines)
 

@@ -864,7 +864,8 @@ class Writer:
                 and end <= n
                 and (end == n or size % seg == 0)
             )
-            if whole and src in self._peers and self._body is None and not self._sessions:
+            fast = src in self._peers and self._body is None and not self._sessions
+            if whole and fast:
                 try:
                     os.write(self._tun_fd, view[off + pos + 1 : off + end])
                 except OSError:
