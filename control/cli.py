@@ -172,7 +172,8 @@ def build_parser():
     )
 
     st = sub.add_parser(
-        "status", help="packets, drops, CPU and memory of a running instance"
+        "status",
+        help="packets, drops, CPU, memory and CPUs of each process of a running instance",
     )
     st.add_argument(
         "--socket",
@@ -189,7 +190,10 @@ def build_parser():
         "--write appends them to a configuration file.",
     )
     tune.add_argument(
-        "--seconds", type=int, default=3, help="length of each probe (default 3)"
+        "--seconds",
+        type=int,
+        default=10,
+        help="length of each probe; shorter ones are mostly noise (default 10)",
     )
     tune.add_argument(
         "--max-workers",

@@ -85,7 +85,7 @@ def apply(side, dev, queues, cpus=None):
         try:
             set_rps(dev, q, others)
         except OSError as exc:
-            log.info(
+            log.warning(
                 "steering off queue=%d reason=%s (%s)",
                 q, exc.strerror or exc, rps_path(dev, q),
             )  # fmt: skip
