@@ -12,8 +12,10 @@ Reader, TUN queue k -> UDP:
 
 Writer, UDP -> TUN queue k:
   1. the event loop reports the UDP socket readable;
-  2. one datagram is received into the preallocated buffer;
-  3. an IP packet from the peer is written to the TUN queue as it is;
+  2. one datagram is received into the preallocated buffer (or a run of
+     them that UDP_GRO joined, taken apart in :meth:`Writer._write_run`);
+  3. an IP packet or OFFLOAD frame from the peer is written to the TUN
+     queue as it is;
   4. anything else leaves the fast path (:meth:`Writer._slow_path`):
      heartbeats, control frames and logins go to the control process over
      its channel, never blocking; garbage is dropped and counted;
@@ -731,15 +733,10 @@ class Writer:
                         # Several datagrams of seg bytes, taken as one run.
                         # A GSO frame (one offload frame the sender's kernel
                         # cut into datagrams) comes back whole and goes the
-                        # way of any single frame below; several frames that
-                        # GRO joined are taken apart.
-                        if rx[0] != OFFLOAD_FRAME or not off:
+                        # way of any single frame below; anything else is
+                        # taken apart.
+                        if rx[0] != OFFLOAD_FRAME or frame_bytes(rx, 0, n) != n:
                             got, got_bytes, runs = self._write_run(n, src, seg)
-                        elif frame_bytes(rx, 0, n) != n:
-                            got, got_bytes, runs = self._write_frames(n, src, seg)
-                        else:
-                            runs = 0
-                        if runs:
                             received += runs
                             in_bytes += n
                             pkts += got
@@ -804,95 +801,57 @@ class Writer:
         return self._body is not None, self._peers, self._raw_ok
 
     def _write_run(self, n, src, seg):
-        """Handle a run of datagrams that UDP_GRO delivered together, one by
-        one as if each had come alone; returns (written, bytes, datagrams).
+        """Handle a run of datagrams that UDP_GRO delivered together;
+        returns (written, bytes, datagrams).
 
-        Each later datagram is first moved to the start of the receive
-        area (over the one just handled), where the single-datagram code
-        expects it; a move of at most one MTU.
-        """
-        rx, view, off, tun_fd = self._rx, self._view, self._off, self._tun_fd
-        pkts = nbytes = count = 0
-        for i in range(0, n, seg):
-            size = min(seg, n - i)
-            count += 1
-            if i:
-                rx[0:size] = rx[i : i + size]
-            first = rx[0]
-            if (
-                src in self._peers
-                and size >= MIN_PACKET_BYTES
-                and self._body is None
-                and (first >> 4 == 4 or first >> 4 == 6)
-                and self._raw_ok
-            ):
-                if self._sessions and self._divert(size):
-                    continue
-                try:
-                    os.write(tun_fd, view[: off + size])
-                except OSError:
-                    self._c[st.DROPS_IO] += 1
-                    continue
-                pkts += 1
-                nbytes += size
-            else:
-                self._slow_path(size, src)
-        return pkts, nbytes, count
-
-    def _write_frames(self, n, src, seg):
-        """Handle a run that UDP_GRO delivered together and that starts with
-        an OFFLOAD frame; returns (written, bytes, datagrams) like
-        :meth:`_write_run`.
-
-        GRO joins datagrams of one size (the last perhaps shorter), so the
-        run is datagrams of ``seg`` bytes, and a frame fills whole segments
-        unless it ends the run. Walking segment by segment: a frame of the
-        peer that fits that way is written whole (one GSO frame or several
-        small ones); any other datagram (a heartbeat or hello sent from the
-        same socket, a piece of a frame the path cut up, junk) is handled
-        as if it had come alone.
+        GRO joins datagrams of one size, the last perhaps shorter, so an
+        OFFLOAD frame in a run fills whole segments unless it ends it. The
+        walk goes datagram by datagram: a frame whose own length fits that
+        way is written whole, in place (one GSO frame or several small
+        ones); every other datagram is handled as if it had come alone
+        (heartbeats and hellos leave from a worker's socket too, and a
+        piece of a frame the path cut up is dropped as split). Such a
+        datagram is first moved to the start of the receive area, where
+        the single-datagram code expects it (a bare packet goes to the TUN
+        behind the ten zero bytes there); a move of at most one MTU.
         """
         rx, view, off = self._rx, self._view, self._off
         frame_bytes = frames.offload_frame_bytes
         pkts = nbytes = count = pos = 0
         while pos < n:
             count += 1
-            size = frame_bytes(rx, pos, n) if rx[pos] == OFFLOAD_FRAME else 0
-            end = pos + size
-            whole = (
-                size >= 1 + _VNET + MIN_PACKET_BYTES
-                and end <= n
-                and (end == n or size % seg == 0)
-            )
-            fast = src in self._peers and self._body is None and not self._sessions
-            if whole and fast:
-                try:
-                    os.write(self._tun_fd, view[off + pos + 1 : off + end])
-                except OSError:
-                    self._c[st.DROPS_IO] += 1
-                else:
-                    pkts += 1
-                    nbytes += size
+            first, end, whole = rx[pos], min(pos + seg, n), False
+            if first == OFFLOAD_FRAME and off:
+                size = frame_bytes(rx, pos, n)
+                if size >= 1 + _VNET + MIN_PACKET_BYTES and (
+                    pos + size == n or (pos + size < n and size % seg == 0)
+                ):
+                    end, whole = pos + size, True
+            length = end - pos
+            from_peer = src in self._peers and self._body is None
+            if from_peer and whole and not self._sessions:
+                packet = view[off + pos + 1 : off + end]
                 if self._raw_ok:
                     self._seen_frame()
-                pos = end
-                continue
-            if not whole:
-                end = min(pos + seg, n)  # one datagram, not a whole frame
-            # The accessor relay and the slow path read the datagram at the
-            # start of the receive area.
-            length = end - pos
-            if pos:
-                rx[0:length] = rx[pos:end]  # what is left lies behind ``end``
-            if not (
-                self._sessions
-                and src in self._peers
-                and self._body is None
-                and rx[0] == OFFLOAD_FRAME
-                and frame_bytes(rx, 0, length) == length
-                and self._divert(length)
-            ):
-                self._slow_path(length, src)
+            else:
+                if pos:
+                    rx[0:length] = rx[pos:end]
+                bare = (first >> 4 == 4 or first >> 4 == 6) and self._raw_ok
+                if not (from_peer and bare and length >= MIN_PACKET_BYTES):
+                    self._slow_path(length, src)  # accessors, control, drops
+                    pos = end
+                    continue
+                if self._sessions and self._divert(length):
+                    pos = end
+                    continue
+                packet = view[: off + length]
+            try:
+                os.write(self._tun_fd, packet)
+            except OSError:
+                self._c[st.DROPS_IO] += 1
+            else:
+                pkts += 1
+                nbytes += length
             pos = end
         return pkts, nbytes, count
 
